@@ -1,0 +1,23 @@
+"""peft-diffusion: turn any causal Hugging Face LM into a masked diffusion LM.
+
+Importing the package registers `DiffusionConfig` / `DiffusionLM` with transformers' Auto classes (and nothing else
+happens at import).
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .config import DiffusionConfig
+from .model import DiffusionLM, DiffusionLMOutput, get_diffusion_model
+
+__version__ = "0.1.0.dev0"
+
+AutoConfig.register(DiffusionConfig.model_type, DiffusionConfig, exist_ok=True)
+AutoModelForCausalLM.register(DiffusionConfig, DiffusionLM, exist_ok=True)
+
+__all__ = [
+    "DiffusionConfig",
+    "DiffusionLM",
+    "DiffusionLMOutput",
+    "get_diffusion_model",
+    "__version__",
+]

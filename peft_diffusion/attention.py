@@ -1,0 +1,220 @@
+"""Diffusion attention patterns for any transformers causal LM, as transformers mask functions.
+
+A causal LM builds its attention masks through `transformers.masking_utils`: the modeling code describes the
+pattern with a *mask function* `f(batch_idx, head_idx, q_idx, kv_idx) -> bool` and the backend-specific
+materialisation (`AttentionMaskInterface[attn_implementation]`) turns it into a float mask (eager), a boolean mask
+(sdpa) or a `BlockMask` (flex_attention). We wrap those materialisers once: while an `AttentionLayout` is active
+(`with diffusion_attention(layout):`), the causal pattern the model asked for is replaced by the diffusion pattern.
+Padding, KV-cache offsets and sliding windows keep going through transformers' own code, so no modeling file is
+copied and every architecture that uses `masking_utils` is covered.
+
+Notation (per token, over the whole key range: cached tokens first, then the current input):
+
+| name        | shape  | meaning                                                                     |
+|-------------|--------|-----------------------------------------------------------------------------|
+| `positions` | [B, S] | position of the token inside its document (0 at the first real token)      |
+| `doc_ids`   | [B, S] | document index inside a packed row; tokens of different documents never mix |
+| `block_ids` | [B, S] | `positions // block_size`                                                   |
+| `is_clean`  | [B, S] | token belongs to the clean copy x_0 of the two-stream layout `[x_t ; x_0]`  |
+| `is_open`   | [P, P] | annealing: entry (p_q, p_kv) of the upper triangle opened (DiffuLLaMA)       |
+
+Patterns, for a query token q and a key token k of the same document:
+
+- `causal`:        p_k <= p_q
+- `bidirectional`: always
+- `block`:         b_k <= b_q                                  (bidirectional in a block, causal across blocks)
+- `block` with clean context (BD3-LM, Efficient-DLM), input `[x_t ; x_0]`, positions `[0..L-1, 0..L-1]`:
+    noisy q:  noisy k with b_k == b_q, or clean k with b_k < b_q
+    clean q:  clean k with b_k <= b_q                           (the clean copy is block-causal over itself)
+- `annealed`:      p_k <= p_q  or  is_open[p_q, p_k]              (ratio 1 is bidirectional)
+
+Sliding-window layers keep their window, made symmetric on positions: |p_q - p_k| < window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+PATTERNS = ("causal", "bidirectional", "block", "annealed")
+
+# Mask materialisers we wrap. flash_attention_* only take a 2D padding mask: bidirectional attention reaches them
+# through `is_causal=False` instead (see `model.py`), every other pattern is refused there.
+_WRAPPED_BACKENDS = ("sdpa", "eager", "flex_attention")
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Everything a diffusion pattern needs about the tokens of one forward pass.
+
+    Args:
+        pattern (`str`): one of `"causal"`, `"bidirectional"`, `"block"`, `"annealed"`.
+        positions (`torch.LongTensor` of shape `(batch_size, total_length)`): position inside the document.
+        doc_ids (`torch.LongTensor` of shape `(batch_size, total_length)`): document index (packing).
+        block_size (`int`, *optional*): block length of the `"block"` pattern.
+        is_clean (`torch.BoolTensor` of shape `(batch_size, total_length)`, *optional*): two-stream layout flag.
+        is_open (`torch.BoolTensor` of shape `(max_position, max_position)`, *optional*): opened entries of the
+            annealed pattern.
+    """
+
+    pattern: str
+    positions: torch.Tensor
+    doc_ids: torch.Tensor
+    block_size: int | None = None
+    is_clean: torch.Tensor | None = None
+    is_open: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"`pattern` must be one of {PATTERNS}, got pattern={self.pattern!r}.")
+        if self.pattern == "block" and (self.block_size is None or self.block_size <= 0):
+            raise ValueError(f"The 'block' pattern needs a positive `block_size`, got block_size={self.block_size}.")
+        if self.pattern == "annealed" and self.is_open is None:
+            raise ValueError("The 'annealed' pattern needs `is_open`; build it with `annealed_open_entries`.")
+
+    def mask_function(self, sliding_window: int | None = None) -> Callable:
+        """The pattern as a transformers mask function over absolute token indices."""
+        positions, doc_ids, is_clean, is_open = self.positions, self.doc_ids, self.is_clean, self.is_open
+        block_ids = positions // self.block_size if self.pattern == "block" else None
+        pattern = self.pattern
+
+        def mask_fn(batch_idx, head_idx, q_idx, kv_idx):
+            # Indices broadcast as [B,1,1,1], [1,1,Q,1], [1,1,1,K]; every lookup below is [B,1,Q,K]-broadcastable.
+            allowed = doc_ids[batch_idx, q_idx] == doc_ids[batch_idx, kv_idx]
+            if pattern == "causal":
+                allowed = allowed & (positions[batch_idx, kv_idx] <= positions[batch_idx, q_idx])
+            elif pattern == "block":
+                block_q, block_k = block_ids[batch_idx, q_idx], block_ids[batch_idx, kv_idx]
+                if is_clean is None:
+                    allowed = allowed & (block_k <= block_q)
+                else:
+                    clean_q, clean_k = is_clean[batch_idx, q_idx], is_clean[batch_idx, kv_idx]
+                    noisy_rule = torch.where(clean_k, block_k < block_q, block_k == block_q)
+                    clean_rule = clean_k & (block_k <= block_q)
+                    allowed = allowed & torch.where(clean_q, clean_rule, noisy_rule)
+            elif pattern == "annealed":
+                pos_q, pos_k = positions[batch_idx, q_idx], positions[batch_idx, kv_idx]
+                allowed = allowed & ((pos_k <= pos_q) | is_open[pos_q, pos_k])
+            if sliding_window is not None:
+                distance = positions[batch_idx, q_idx] - positions[batch_idx, kv_idx]
+                allowed = allowed & (distance.abs() < sliding_window)
+            return allowed
+
+        return mask_fn
+
+    def dense(self, sliding_window: int | None = None) -> torch.Tensor:
+        """The pattern materialised as a boolean `[B, S, S]` tensor (for tests and inspection)."""
+        batch, length = self.positions.shape
+        device = self.positions.device
+        b = torch.arange(batch, device=device)[:, None, None, None]
+        q = torch.arange(length, device=device)[None, None, :, None]
+        k = torch.arange(length, device=device)[None, None, None, :]
+        h = torch.zeros(1, dtype=torch.long, device=device)[None, :, None, None]
+        return self.mask_function(sliding_window)(b, h, q, k).expand(batch, 1, length, length)[:, 0]
+
+
+def positions_from_inputs(
+    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, batch_size: int, length: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token positions and document ids over the whole key range.
+
+    Explicit `position_ids` win (packing: a position that does not follow its left neighbour starts a new document).
+    Else positions count real tokens of `attention_mask` (left padding: the first real token is position 0). Else
+    `0..length-1`.
+
+    Returns:
+        `(positions, doc_ids)`, two `[B, length]` long tensors.
+    """
+    if position_ids is not None:
+        positions = position_ids.expand(batch_size, -1).long()  # [B, S]
+        starts = torch.ones_like(positions, dtype=torch.bool)
+        starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+        doc_ids = starts.long().cumsum(-1) - 1  # [B, S]
+        return positions, doc_ids
+    if attention_mask is not None:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, S]
+    else:
+        positions = torch.arange(length, device=device).expand(batch_size, -1)  # [B, S]
+    return positions, torch.zeros_like(positions)
+
+
+def annealed_open_entries(
+    num_positions: int, ratio: float, *, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """The opened entries of the annealed pattern: each upper-triangle entry is open with probability `ratio`.
+
+    DiffuLLaMA (arXiv 2410.17891, attention mask annealing) opens a growing random part of the upper triangle,
+    shared across the batch, until the mask is fully bidirectional.
+
+    Returns:
+        `torch.BoolTensor` of shape `(num_positions, num_positions)`.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"The annealing `ratio` must be in [0, 1], got ratio={ratio}.")
+    scores = torch.rand(num_positions, num_positions, generator=generator, device=generator.device if generator else device)
+    return (scores < ratio).to(device)  # [P, P]
+
+
+def two_stream_layout(positions: torch.Tensor, doc_ids: torch.Tensor, block_size: int) -> AttentionLayout:
+    """The clean-context training layout `[x_t ; x_0]` for `[B, L]` positions and document ids (both halves)."""
+    batch, length = positions.shape
+    is_clean = torch.zeros(batch, 2 * length, dtype=torch.bool, device=positions.device)  # [B, 2L]
+    is_clean[:, length:] = True
+    return AttentionLayout(
+        pattern="block",
+        positions=torch.cat([positions, positions], dim=1),  # [B, 2L]
+        doc_ids=torch.cat([doc_ids, doc_ids], dim=1),  # [B, 2L]
+        block_size=block_size,
+        is_clean=is_clean,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hooking into transformers' mask builders
+# ----------------------------------------------------------------------------------------------------------------
+
+_ACTIVE_LAYOUT: ContextVar[AttentionLayout | None] = ContextVar("peft_diffusion_attention_layout", default=None)
+_ORIGINAL_MATERIALISERS: dict[str, Callable] = {}
+
+
+@contextmanager
+def diffusion_attention(layout: AttentionLayout) -> Iterator[AttentionLayout]:
+    """Within this context, every mask a transformers model builds follows `layout` instead of the causal pattern."""
+    install_mask_interface()
+    token = _ACTIVE_LAYOUT.set(layout)
+    try:
+        yield layout
+    finally:
+        _ACTIVE_LAYOUT.reset(token)
+
+
+def _wrap_materialiser(original: Callable) -> Callable:
+    def materialise(*args, mask_function=None, local_size=None, config=None, **kwargs):
+        layout = _ACTIVE_LAYOUT.get()
+        if layout is None:
+            return original(*args, mask_function=mask_function, local_size=local_size, config=config, **kwargs)
+        # Sliding-window layers pass their window as `local_size` (chunked layers too; those are refused in
+        # `architectures.py`). The window stays, made symmetric.
+        sliding_window = local_size if local_size is not None and local_size > 0 else None
+        kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=False)
+        return original(
+            *args, mask_function=layout.mask_function(sliding_window), local_size=None, config=config, **kwargs
+        )
+
+    materialise.__wrapped__ = original
+    return materialise
+
+
+def install_mask_interface() -> None:
+    """Wrap transformers' sdpa/eager/flex mask materialisers once per process (idempotent, inactive by default)."""
+    for backend in _WRAPPED_BACKENDS:
+        current = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[backend]
+        if backend in _ORIGINAL_MATERIALISERS and getattr(current, "__wrapped__", None) is not None:
+            continue
+        _ORIGINAL_MATERIALISERS[backend] = current
+        AttentionMaskInterface.register(backend, _wrap_materialiser(current))

@@ -1,0 +1,113 @@
+"""`DiffusionConfig`: what a diffusion LM *is*, everything needed to run or score it after training.
+
+The base causal model's config is kept whole as a sub-config (`base_config`), not flattened, so a saved
+diffusion model rebuilds its base with the ordinary transformers class. Training-only knobs live in
+`DiffusionTrainingConfig`, decoding-only knobs in `DiffusionGenerationConfig`.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+ATTENTION_PATTERNS = ("bidirectional", "block", "annealed")
+NOISE_SCHEDULE_NAMES = ("linear", "cosine")
+MASKING_NAMES = ("uniform", "position_dependent")
+DEFAULT_MASK_TOKEN = "<|mask|>"
+
+
+class DiffusionConfig(PreTrainedConfig):
+    r"""Configuration of a masked diffusion LM converted from a causal LM.
+
+    Args:
+        attention (`str`, defaults to `"block"`):
+            The attention pattern. `"bidirectional"`: every position sees every non-padding position of its document.
+            `"block"`: bidirectional inside a block of `block_size` tokens, causal across blocks (Efficient-DLM,
+            BD3-LM); decodes with an exact KV cache. `"annealed"`: causal with a growing random fraction of the upper
+            triangle opened during training, bidirectional at inference (DiffuLLaMA, arXiv 2410.17891).
+        block_size (`int`, defaults to 32):
+            Tokens per block. Used by `attention="block"`; blocks are aligned at position 0 of each document.
+        clean_context (`bool`, defaults to `True`):
+            Under block attention, train on the two-stream layout `[x_t ; x_0]`: each noisy block attends to itself
+            and to the *clean* earlier blocks, exactly what it sees at inference (Efficient-DLM, BD3-LM).
+        shift (`bool`, defaults to `True`):
+            Keep the AR alignment: the prediction for position `i` is read from the hidden state at `i - 1`
+            (DiffuLLaMA's shift operation). Position 0 is then never predicted.
+        mask_token_id (`int`, *optional*):
+            Id of the mask token inside the base model's embedding matrix. Set by `get_diffusion_model`.
+        mask_token (`str`, *optional*):
+            The mask token's string, for tokenizers.
+        noise_schedule (`str`, defaults to `"linear"`):
+            The noise schedule `alpha_t` (`"linear"`: alpha_t = 1 - t, as in both papers; `"cosine"`).
+        masking (`str`, defaults to `"uniform"`):
+            Which tokens are masked at time `t`: `"uniform"` or `"position_dependent"` (later tokens masked more at
+            small t, Efficient-DLM).
+        masking_strength (`float`, defaults to 0.0):
+            Strength beta >= 0 of position-dependent masking (0 is uniform).
+        base_config (`dict` or `PreTrainedConfig`, *optional*):
+            The base causal LM's config, kept as a sub-config.
+        base_model_name_or_path (`str`, *optional*):
+            Where the base weights come from (a Hub id or a folder), used to reload a LoRA adapter.
+
+    Example:
+    ```python
+    >>> from peft_diffusion import DiffusionConfig
+    >>> config = DiffusionConfig(attention="block", block_size=32, shift=True)
+    >>> config.attention, config.block_size
+    ('block', 32)
+    ```
+    """
+
+    model_type = "diffusion_lm"
+    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", optional=True)}
+
+    attention: str = "block"
+    block_size: int = 32
+    clean_context: bool = True
+    shift: bool = True
+    mask_token_id: int | None = None
+    mask_token: str | None = None
+    noise_schedule: str = "linear"
+    masking: str = "uniform"
+    masking_strength: float = 0.0
+    base_config: dict | PreTrainedConfig | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_diffusion()
+
+    def validate_diffusion(self) -> None:
+        """Check every diffusion setting and raise `ValueError` naming the argument and the fix."""
+        if self.attention not in ATTENTION_PATTERNS:
+            raise ValueError(
+                f"`attention` must be one of {ATTENTION_PATTERNS}, got attention={self.attention!r}; "
+                "use 'block' for KV-cached semi-autoregressive decoding or 'bidirectional' for infilling."
+            )
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size <= 0:
+            raise ValueError(f"`block_size` must be a positive integer, got block_size={self.block_size!r}.")
+        if self.noise_schedule not in NOISE_SCHEDULE_NAMES:
+            raise ValueError(
+                f"`noise_schedule` must be one of {NOISE_SCHEDULE_NAMES}, got noise_schedule={self.noise_schedule!r}."
+            )
+        if self.masking not in MASKING_NAMES:
+            raise ValueError(f"`masking` must be one of {MASKING_NAMES}, got masking={self.masking!r}.")
+        if self.masking_strength < 0:
+            raise ValueError(
+                f"`masking_strength` must be >= 0 (0 is uniform masking), got masking_strength={self.masking_strength}."
+            )
+        if self.mask_token_id is not None:
+            if not isinstance(self.mask_token_id, int) or self.mask_token_id < 0:
+                raise ValueError(f"`mask_token_id` must be a non-negative int, got mask_token_id={self.mask_token_id!r}.")
+            vocab_size = getattr(self.base_config, "vocab_size", None)
+            if vocab_size is not None and self.mask_token_id >= vocab_size:
+                raise ValueError(
+                    f"`mask_token_id`={self.mask_token_id} is outside the base model's embedding matrix "
+                    f"(vocab_size={vocab_size}); pass a tokenizer to `get_diffusion_model` so a mask token is added "
+                    "and the embeddings resized, or choose an id below vocab_size."
+                )
+
+    @property
+    def uses_clean_context(self) -> bool:
+        """Whether training and scoring use the two-stream `[x_t ; x_0]` layout."""
+        return self.attention == "block" and self.clean_context

@@ -1,0 +1,577 @@
+"""`DiffusionLM` and `get_diffusion_model`: any transformers causal LM as a masked diffusion LM.
+
+`DiffusionLM` wraps the causal LM (plain for full finetuning, or a `peft.PeftModel` for LoRA/QLoRA), runs it under the
+diffusion attention pattern of its `DiffusionConfig` (`attention.py`) and applies the shift, so that
+`logits[:, i]` always predicts the token at position `i`.
+
+Outline of `DiffusionLM.forward`:
+1. positions and document ids over the whole key range (cache + input), from `position_ids` or `attention_mask`;
+2. the attention layout: the config's pattern, or the two-stream `[x_t ; x_0]` layout when `clean_input_ids` is given
+   under block attention with clean context;
+3. the causal LM's forward inside `diffusion_attention(layout)`;
+4. the shift (DiffuLLaMA, arXiv 2410.17891): the logits for position i are read at i - 1 (in the two-stream layout,
+   the first token of a block reads the last token of the previous *clean* block, what it sees at inference);
+5. the mask token's logit set to the dtype's minimum: the mask token is never a prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput, cached_file
+
+from .architectures import check_architecture, is_verified
+from .attention import (
+    AttentionLayout,
+    annealed_open_entries,
+    diffusion_attention,
+    positions_from_inputs,
+    two_stream_layout,
+)
+from .config import DEFAULT_MASK_TOKEN, DiffusionConfig
+
+logger = logging.getLogger(__name__)
+
+DIFFUSION_CONFIG_NAME = "diffusion_config.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass
+class DiffusionLMOutput(ModelOutput):
+    """Output of `DiffusionLM.forward`.
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*): the diffusion loss, when `labels` were given.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): `logits[:, i]` predicts the
+            token at position `i` (shift already applied; the noisy half only in the two-stream layout).
+        past_key_values (`Cache`, *optional*): the KV cache, when `use_cache=True`.
+        metrics (`dict`, *optional*): detached training statistics (raw masked CE, mean t, masked fraction, ...).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    metrics: dict | None = None
+
+
+class DiffusionLM(PreTrainedModel):
+    r"""A causal LM turned into a masked diffusion LM.
+
+    Build one with `get_diffusion_model` (or its classmethod spelling `DiffusionLM.from_causal_lm`), reload one with
+    `DiffusionLM.from_pretrained` (a LoRA adapter folder or a full model) or, for full models, with
+    `AutoModelForCausalLM.from_pretrained` after `import peft_diffusion`.
+
+    Args:
+        config (`DiffusionConfig`): the diffusion settings, with the base model's config as `base_config`.
+        model (`PreTrainedModel` or `PeftModel`, *optional*): the causal LM to wrap; built from
+            `config.base_config` when omitted (the path `from_pretrained` takes for full models).
+    """
+
+    config_class = DiffusionConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: DiffusionConfig, model: PreTrainedModel | PeftModel | None = None):
+        super().__init__(config)
+        if model is None:
+            if config.base_config is None:
+                raise ValueError("`DiffusionConfig.base_config` is empty: build the model with `get_diffusion_model`.")
+            model = AutoModelForCausalLM.from_config(config.base_config)
+        check_architecture(_causal_lm(model).config)
+        self.model = model
+        # The annealing ratio is training state: the trainer sets it every step (DiffuLLaMA's attention annealing).
+        self.annealing_ratio = 1.0
+        self._check_attention_backend()
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Conversion
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_causal_lm(
+        cls,
+        model: PreTrainedModel | str,
+        config: DiffusionConfig | None = None,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        peft_config: PeftConfig | None = None,
+        load_in_4bit: bool = False,
+        **model_kwargs,
+    ) -> DiffusionLM:
+        """Same as `get_diffusion_model`."""
+        return get_diffusion_model(
+            model, config, tokenizer=tokenizer, peft_config=peft_config, load_in_4bit=load_in_4bit, **model_kwargs
+        )
+
+    @property
+    def is_peft(self) -> bool:
+        """Whether the causal LM is wrapped by PEFT (LoRA/QLoRA)."""
+        return isinstance(self.model, PeftModel)
+
+    @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The underlying transformers causal LM (inside the PEFT wrapper, if any)."""
+        return _causal_lm(self.model)
+
+    def get_input_embeddings(self):
+        return self.causal_lm.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.causal_lm.get_output_embeddings()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """Enable gradient checkpointing on the causal LM (non-reentrant by default)."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        self.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if self.is_peft:
+            # Frozen embeddings give checkpointed blocks inputs without grad; PEFT's usual fix.
+            self.causal_lm.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self):
+        self.causal_lm.gradient_checkpointing_disable()
+
+    def _check_attention_backend(self) -> None:
+        implementation = self.causal_lm.config._attn_implementation or "eager"
+        if implementation.startswith("flash_attention"):
+            # Flash kernels take only a padding mask: causal or fully bidirectional, nothing in between.
+            if self.config.attention != "bidirectional":
+                raise ValueError(
+                    f"attn_implementation={implementation!r} supports only attention='bidirectional', got "
+                    f"attention={self.config.attention!r}; use attn_implementation='sdpa' or 'flex_attention'."
+                )
+            self.causal_lm.config.is_causal = False
+            for module in self.causal_lm.modules():
+                if hasattr(module, "is_causal"):
+                    module.is_causal = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------------------------
+
+    def attention_layout(
+        self,
+        positions: torch.Tensor,
+        doc_ids: torch.Tensor,
+        *,
+        two_stream: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> AttentionLayout:
+        """The attention layout of one forward pass (see `attention.py`).
+
+        Args:
+            positions (`torch.LongTensor` of shape `(batch_size, total_length)`): positions over the key range.
+            doc_ids (`torch.LongTensor` of shape `(batch_size, total_length)`): document ids over the key range.
+            two_stream (`bool`): build the clean-context layout `[x_t ; x_0]` (positions and ids given for x_t).
+            generator (`torch.Generator`, *optional*): draws the opened entries of the annealed pattern.
+        """
+        pattern = self.config.attention
+        if two_stream:
+            return two_stream_layout(positions, doc_ids, self.config.block_size)
+        if pattern == "annealed":
+            if not self.training or self.annealing_ratio >= 1.0:
+                # DiffuLLaMA: the annealed model runs bidirectionally at inference.
+                return AttentionLayout("bidirectional", positions, doc_ids)
+            num_positions = int(positions.max()) + 1
+            is_open = annealed_open_entries(
+                num_positions, self.annealing_ratio, generator=generator, device=positions.device
+            )
+            return AttentionLayout("annealed", positions, doc_ids, is_open=is_open)
+        return AttentionLayout(pattern, positions, doc_ids, block_size=self.config.block_size)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        clean_input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        inputs_embeds: torch.FloatTensor | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> DiffusionLMOutput:
+        r"""Logits of the diffusion LM, aligned to positions.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                The (noisy) tokens x_t; masked positions hold `config.mask_token_id`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding (left or right). With a KV cache it covers the cached tokens too.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Positions; a position that does not follow its left neighbour starts a new packed document, and
+                documents never attend to each other. Derived from `attention_mask` when omitted.
+            clean_input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                The clean tokens x_0. Under block attention with `clean_context`, the model runs on the two-stream
+                layout `[x_t ; x_0]` and returns the logits of the noisy half (training and likelihood scoring).
+            past_key_values (`Cache`, *optional*): a KV cache of committed tokens (block decoding).
+            use_cache (`bool`, defaults to `False`): return the updated cache.
+            generator (`torch.Generator`, *optional*): randomness of the annealed pattern.
+
+        Returns:
+            `DiffusionLMOutput` with `logits` of shape `(batch_size, sequence_length, vocab_size)`.
+        """
+        if kwargs.pop("labels", None) is not None:
+            raise ValueError(
+                "`labels` are not taken by `DiffusionLM.forward` yet: corrupt the inputs yourself and score the "
+                "logits, or train with `DiffusionTrainer`."
+            )
+        kwargs.pop("num_items_in_batch", None)
+        embeds = input_ids if input_ids is not None else inputs_embeds
+        batch_size, length = embeds.shape[:2]
+        device = embeds.device
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        # 1. positions and document ids over the key range
+        if past_length > 0 and attention_mask is None:
+            attention_mask = torch.ones(batch_size, past_length + length, dtype=torch.long, device=device)
+        if attention_mask is not None and attention_mask.shape[1] != past_length + length:
+            raise ValueError(
+                f"`attention_mask` must cover the cached and the new tokens: expected {past_length + length} columns, "
+                f"got {attention_mask.shape[1]}."
+            )
+        layout_position_ids = position_ids if past_length == 0 else None
+        positions, doc_ids = positions_from_inputs(
+            attention_mask, layout_position_ids, batch_size, past_length + length, device
+        )
+
+        # 2. the attention layout
+        two_stream = clean_input_ids is not None and self.config.uses_clean_context
+        if clean_input_ids is not None and not two_stream:
+            raise ValueError(
+                "`clean_input_ids` is only used under attention='block' with clean_context=True, got "
+                f"attention={self.config.attention!r}, clean_context={self.config.clean_context}."
+            )
+        if two_stream and past_length > 0:
+            raise ValueError("The two-stream `[x_t ; x_0]` layout is for training and scoring; it takes no KV cache.")
+        layout = self.attention_layout(positions, doc_ids, two_stream=two_stream, generator=generator)
+
+        model_positions = positions[:, past_length:]  # [B, L]
+        model_attention_mask = attention_mask
+        if two_stream:
+            input_ids = torch.cat([input_ids, clean_input_ids], dim=1)  # [B, 2L]
+            model_positions = torch.cat([model_positions, model_positions], dim=1)  # [B, 2L]
+            if attention_mask is not None:
+                model_attention_mask = torch.cat([attention_mask, attention_mask], dim=1)  # [B, 2L]
+
+        # 3. the causal LM under the diffusion pattern
+        with diffusion_attention(layout):
+            outputs = self.model(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds if input_ids is None else None,
+                attention_mask=model_attention_mask,
+                position_ids=model_positions,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                return_dict=True,
+                **kwargs,
+            )
+        raw_logits = outputs.logits  # [B, L or 2L, V]
+
+        # 4. the shift
+        logits = self._align(raw_logits, length, two_stream, positions[:, past_length:])  # [B, L, V]
+
+        # 5. the mask token is never predicted
+        if self.config.mask_token_id is not None:
+            logits[..., self.config.mask_token_id] = torch.finfo(logits.dtype).min
+        return DiffusionLMOutput(logits=logits, past_key_values=outputs.past_key_values if use_cache else None)
+
+    def _align(
+        self, raw_logits: torch.Tensor, length: int, two_stream: bool, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """`logits[:, i]` predicts token i. Without shift this is the identity (on the noisy half)."""
+        if not self.config.shift:
+            return raw_logits[:, :length].clone()
+        index = torch.arange(length, device=raw_logits.device).expand(raw_logits.shape[0], -1)  # [B, L]
+        # The first token of a document has no left neighbour: it reads itself (it is never a target under shift),
+        # so padding or a previous packed document never leaks into it.
+        source = torch.where(positions == 0, index, index - 1)  # [B, L]
+        if two_stream:
+            # The first token of a noisy block is predicted from the clean copy of the previous token: under the
+            # clean-context pattern the noisy previous token lives in another block and cannot be the context.
+            starts_block = (positions % self.config.block_size == 0) & (positions > 0)  # [B, L]
+            source = torch.where(starts_block, source + length, source)  # [B, L]
+        gather_index = source[..., None].expand(-1, -1, raw_logits.shape[-1])  # [B, L, V]
+        return raw_logits.gather(1, gather_index)  # [B, L, V]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Save / load
+    # ------------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Save the model.
+
+        Under PEFT: a standard PEFT adapter (loadable by stock `PeftModel.from_pretrained` on the base model) plus
+        `diffusion_config.json`. Full finetuning: the weights and the `DiffusionConfig` as `config.json`, loadable
+        with `AutoModelForCausalLM.from_pretrained` after `import peft_diffusion`.
+        """
+        if not self.is_peft:
+            return super().save_pretrained(save_directory, **kwargs)
+        os.makedirs(save_directory, exist_ok=True)
+        peft_kwargs = {
+            key: kwargs[key] for key in ("safe_serialization", "selected_adapters", "is_main_process") if key in kwargs
+        }
+        if kwargs.get("is_main_process", True):
+            self.model.save_pretrained(save_directory, **peft_kwargs)
+            self.config.to_json_file(os.path.join(save_directory, DIFFUSION_CONFIG_NAME))
+            if self.can_generate() and self.generation_config is not None:
+                self.generation_config.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        base_model: PreTrainedModel | None = None,
+        is_trainable: bool = False,
+        **kwargs,
+    ) -> DiffusionLM:
+        """Load a saved diffusion LM: a LoRA adapter folder (base + adapter + diffusion settings) or a full model.
+
+        Args:
+            pretrained_model_name_or_path (`str`): a local folder or a Hub id.
+            base_model (`PreTrainedModel`, *optional*): the base causal LM of an adapter; loaded from
+                `config.base_model_name_or_path` when omitted.
+            is_trainable (`bool`, defaults to `False`): keep the adapter trainable (to continue training).
+            kwargs: passed to the base model's `from_pretrained` (`dtype`, `attn_implementation`, `device_map`, ...).
+        """
+        hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs}
+        adapter_file = cached_file(
+            pretrained_model_name_or_path,
+            ADAPTER_CONFIG_NAME,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
+        )
+        if adapter_file is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+        config_file = cached_file(pretrained_model_name_or_path, DIFFUSION_CONFIG_NAME, **hub_kwargs)
+        with open(config_file, encoding="utf-8") as handle:
+            config = DiffusionConfig.from_dict(json.load(handle))
+        if base_model is None:
+            if not config.base_model_name_or_path:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds an adapter whose base model path is unknown; pass "
+                    "`base_model=AutoModelForCausalLM.from_pretrained(...)`."
+                )
+            base_model = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, **kwargs)
+        # The adapter was trained on a base whose embeddings may have grown by the mask token.
+        saved_vocab = config.base_config.vocab_size
+        if base_model.get_input_embeddings().weight.shape[0] < saved_vocab:
+            base_model.resize_token_embeddings(saved_vocab, mean_resizing=True)
+        config.base_config = base_model.config
+        peft_model = PeftModel.from_pretrained(base_model, pretrained_model_name_or_path, is_trainable=is_trainable)
+        return cls(config, model=peft_model)
+
+
+def _causal_lm(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def get_diffusion_model(
+    model: PreTrainedModel | str,
+    config: DiffusionConfig | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    peft_config: PeftConfig | None = None,
+    load_in_4bit: bool = False,
+    **model_kwargs,
+) -> DiffusionLM:
+    r"""Turn a causal LM into a `DiffusionLM`, with a PEFT adapter (LoRA/QLoRA) or for full finetuning.
+
+    Outline:
+    1. load the causal LM if a path is given (4-bit with bitsandbytes when `load_in_4bit`);
+    2. refuse architectures whose token mixing is not attention alone;
+    3. resolve the mask token: the config's id, else the tokenizer's mask token, else a reserved/unused special token,
+       else a new `<|mask|>` token (embeddings resized, mean-initialised row);
+    4. wrap with PEFT when `peft_config` is given; the mask-token row is trained and saved through
+       `trainable_token_indices` under LoRA;
+    5. probe architectures outside the verified table once.
+
+    Args:
+        model (`PreTrainedModel` or `str`): any `AutoModelForCausalLM`, or a path/Hub id to load one from.
+        config (`DiffusionConfig`, *optional*): the diffusion settings (defaults: block attention, block_size 32).
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): used to find or add the mask token (a new token is added
+            to it); needed unless `config.mask_token_id` is set.
+        peft_config (`PeftConfig`, *optional*): e.g. `LoraConfig(r=64, target_modules="all-linear")`; `None` for full
+            finetuning.
+        load_in_4bit (`bool`, defaults to `False`): load `model` (a path) in 4-bit NF4 for QLoRA (needs bitsandbytes).
+        model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when `model` is a path.
+
+    Example:
+    ```python
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from peft import LoraConfig
+    >>> from peft_diffusion import DiffusionConfig, get_diffusion_model
+    >>> base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+    ...                                     num_hidden_layers=2, num_attention_heads=4))
+    >>> model = get_diffusion_model(base, DiffusionConfig(attention="block", block_size=4, mask_token_id=127),
+    ...                             peft_config=LoraConfig(r=8, target_modules="all-linear"))
+    >>> model(input_ids=torch.tensor([[1, 2, 127, 127]])).logits.shape
+    torch.Size([1, 4, 128])
+    ```
+    """
+    # 1. load
+    config = DiffusionConfig() if config is None else DiffusionConfig.from_dict(config.to_dict())
+    if isinstance(model, (str, os.PathLike)):
+        if load_in_4bit:
+            model_kwargs["quantization_config"] = _nf4_config(model_kwargs.get("dtype"))
+        model = AutoModelForCausalLM.from_pretrained(model, **model_kwargs)
+    elif load_in_4bit:
+        raise ValueError("`load_in_4bit=True` needs a path to load from; pass an already-quantized model instead.")
+    if isinstance(model, PeftModel):
+        raise ValueError("`model` is already a PeftModel; pass the plain causal LM and a `peft_config`.")
+
+    # 2. architecture
+    check_architecture(model.config)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has "
+            f"{model.get_input_embeddings().weight.shape[0]} rows: `tokenizer` does not belong to `model`."
+        )
+
+    # 3. mask token
+    mask_token_id, resized = _resolve_mask_token(model, config, tokenizer)
+    config.mask_token_id = mask_token_id
+    if tokenizer is not None and config.mask_token is None:
+        config.mask_token = tokenizer.convert_ids_to_tokens(mask_token_id)
+    config.base_config = model.config
+    config.base_model_name_or_path = config.base_model_name_or_path or model.config.name_or_path or None
+    config._attn_implementation = model.config._attn_implementation
+    config.validate_diffusion()
+
+    # 4. PEFT
+    if peft_config is not None:
+        if _is_quantized(model):
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if isinstance(peft_config, LoraConfig) and peft_config.trainable_token_indices is None:
+            # The mask token's embedding is new (or an untrained reserved row): train and save just that row.
+            peft_config.trainable_token_indices = [mask_token_id]
+        model = get_peft_model(model, peft_config)
+    elif _is_quantized(model):
+        raise ValueError("A 4-bit quantized model cannot be fully finetuned; pass a `peft_config` (QLoRA).")
+    if resized:
+        logger.info("Added the mask token %r as id %d (embeddings resized).", config.mask_token, mask_token_id)
+
+    diffusion_model = DiffusionLM(config, model=model)
+    # 5. probe unknown architectures
+    if not is_verified(diffusion_model.causal_lm.config):
+        probe_architecture(diffusion_model)
+    return diffusion_model
+
+
+def _resolve_mask_token(
+    model: PreTrainedModel, config: DiffusionConfig, tokenizer: PreTrainedTokenizerBase | None
+) -> tuple[int, bool]:
+    """The mask token's id, and whether the embeddings were resized for it."""
+    num_rows = model.get_input_embeddings().weight.shape[0]
+    if config.mask_token_id is not None:
+        if not 0 <= config.mask_token_id < num_rows:
+            raise ValueError(
+                f"`mask_token_id`={config.mask_token_id} is outside the embedding matrix ({num_rows} rows); "
+                "leave it unset and pass `tokenizer` to add a mask token."
+            )
+        return config.mask_token_id, False
+    if tokenizer is None:
+        raise ValueError(
+            "No mask token: pass `tokenizer` (its mask token is used or one is added) or set "
+            "`DiffusionConfig(mask_token_id=...)` to an id inside the embedding matrix."
+        )
+    if config.mask_token is not None and config.mask_token in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(config.mask_token), False
+    if tokenizer.mask_token_id is not None:
+        return tokenizer.mask_token_id, False
+    reserved = _reserved_token_id(tokenizer)
+    if reserved is not None:
+        tokenizer.mask_token = tokenizer.convert_ids_to_tokens(reserved)
+        return reserved, False
+    # A new special token: it takes a spare row when the matrix is padded (multiples of 64/128), else one is added.
+    tokenizer.add_special_tokens({"mask_token": config.mask_token or DEFAULT_MASK_TOKEN})
+    mask_token_id = tokenizer.mask_token_id
+    resized = mask_token_id >= num_rows
+    if resized:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return mask_token_id, resized
+
+
+def _reserved_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """A reserved/unused special token (Llama-3 `<|reserved_special_token_k|>`, Gemma `<unused0>`), if any."""
+    candidates = sorted(
+        (token_id, token.content)
+        for token_id, token in tokenizer.added_tokens_decoder.items()
+        if "reserved" in token.content or "unused" in token.content
+    )
+    return candidates[0][0] if candidates else None
+
+
+def _is_quantized(model: PreTrainedModel) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def _nf4_config(dtype=None):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "`load_in_4bit=True` (QLoRA) needs bitsandbytes: `pip install \"peft-diffusion[qlora]\"`."
+        ) from error
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+    )
+
+
+@torch.no_grad()
+def probe_architecture(model: DiffusionLM) -> None:
+    """Check once that the diffusion pattern reaches the attention of an architecture outside the verified table.
+
+    Under a bidirectional layout, changing the last token must change the output at position 0; under the causal
+    layout it must not. Raises `ValueError` when the model builds its masks outside transformers' mask machinery.
+    """
+    causal_lm = model.causal_lm
+    was_training = causal_lm.training
+    causal_lm.eval()
+    vocab = causal_lm.get_input_embeddings().weight.shape[0]
+    device = causal_lm.get_input_embeddings().weight.device
+    input_ids = torch.tensor([[1, 2, 3, 4, 5, 6]], device=device) % vocab
+    changed = input_ids.clone()
+    changed[0, -1] = (changed[0, -1] + 7) % vocab
+    positions, doc_ids = positions_from_inputs(None, None, 1, input_ids.shape[1], device)
+
+    def first_logits(ids, pattern):
+        with diffusion_attention(AttentionLayout(pattern, positions, doc_ids)):
+            return model.model(input_ids=ids, position_ids=positions).logits[0, 0].float()
+
+    reaches = not torch.allclose(first_logits(input_ids, "bidirectional"), first_logits(changed, "bidirectional"))
+    leaks = not torch.allclose(first_logits(input_ids, "causal"), first_logits(changed, "causal"))
+    causal_lm.train(was_training)
+    if not reaches or leaks:
+        raise ValueError(
+            f"Model type {causal_lm.config.model_type!r} does not build its attention masks through transformers' "
+            "masking_utils, so a diffusion attention pattern cannot reach it. Supported architectures include "
+            "llama, mistral, qwen2/3, gemma 1-3, phi3, gpt2, gpt_neox, olmo2, stablelm, granite, starcoder2."
+        )

@@ -1,0 +1,235 @@
+"""Attention patterns: which positions a one-token change reaches, on every architecture and backend.
+
+Expected dependencies are written here with plain loops, independently of `attention.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, BACKENDS, MASK_ID, tiny_causal_lm
+
+from peft_diffusion import DiffusionConfig, get_diffusion_model
+from peft_diffusion.attention import AttentionLayout, annealed_open_entries, diffusion_attention, two_stream_layout
+
+LENGTH = 12
+BLOCK = 4
+
+
+def allowed(pattern, q, k, *, block=BLOCK, is_open=None):
+    """Hand rule for one query/key pair of the same document (single stream)."""
+    if pattern == "bidirectional":
+        return True
+    if pattern == "block":
+        return k // block <= q // block
+    if pattern == "causal":
+        return k <= q
+    if pattern == "annealed":
+        return k <= q or bool(is_open[q, k])
+    raise AssertionError(pattern)
+
+
+def reach(pattern, length, layers, **kwargs):
+    """[q, k] -> does token k influence the hidden state at q after `layers` attention layers (with residuals)."""
+    one = torch.tensor([[allowed(pattern, q, k, **kwargs) for k in range(length)] for q in range(length)])
+    total = torch.eye(length, dtype=torch.bool)
+    for _ in range(layers):
+        total = (one.float() @ total.float()) > 0
+    return total
+
+
+def shifted(dependencies, shift):
+    """With the shift, logits[:, i] are read at i - 1 (position 0 reads itself)."""
+    if not shift:
+        return dependencies
+    source = [max(i - 1, 0) for i in range(dependencies.shape[0])]
+    return dependencies[source]
+
+
+def influence(model, input_ids, **forward_kwargs):
+    """[i, j] -> does changing token j change logits[:, i]? One batched forward: row j+1 perturbs token j."""
+    length = input_ids.shape[1]
+    batch = input_ids.repeat(length + 1, 1)  # [L+1, L]
+    for j in range(length):
+        batch[j + 1, j] = 3 + (batch[j + 1, j] + 2) % 120
+    repeated = {key: value.repeat(length + 1, 1) if torch.is_tensor(value) else value for key, value in forward_kwargs.items()}
+    with torch.no_grad():
+        logits = model(input_ids=batch, **repeated).logits.float()  # [L+1, L, V]
+    changed = (logits[1:] - logits[:1]).abs().amax(-1) > 1e-5  # [j, i]
+    return changed.T  # [i, j]
+
+
+def tokens(length=LENGTH, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, MASK_ID - 1, (1, length), generator=generator)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["bidirectional", "block", "annealed"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_one_token_perturbation(arch, pattern, backend):
+    base = tiny_causal_lm(arch, backend)
+    config = DiffusionConfig(attention=pattern, block_size=BLOCK, shift=True, mask_token_id=MASK_ID)
+    model = get_diffusion_model(base, config)
+    input_ids = tokens()
+    if pattern == "annealed":
+        # Training-time pattern: causal plus a random half of the upper triangle, the same draw for every row.
+        model.train()
+        model.annealing_ratio = 0.5
+        is_open = annealed_open_entries(LENGTH, 0.5, generator=torch.Generator().manual_seed(3))
+        seen = _influence_annealed(model, input_ids, seed=3)
+        expected = shifted(reach("annealed", LENGTH, 2, is_open=is_open), True)
+    else:
+        model.eval()
+        seen = influence(model, input_ids)
+        expected = shifted(reach(pattern, LENGTH, 2), True)
+    assert torch.equal(seen, expected), f"{arch}-{pattern}-{backend}\nseen\n{seen.int()}\nexpected\n{expected.int()}"
+
+
+def _influence_annealed(model, input_ids, seed):
+    length = input_ids.shape[1]
+    batch = input_ids.repeat(length + 1, 1)
+    for j in range(length):
+        batch[j + 1, j] = 3 + (batch[j + 1, j] + 2) % 120
+    with torch.no_grad():
+        logits = model(input_ids=batch, generator=torch.Generator().manual_seed(seed)).logits.float()
+    return ((logits[1:] - logits[:1]).abs().amax(-1) > 1e-5).T
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_clean_context_two_stream(arch, backend):
+    """Noisy block b sees itself and clean blocks < b; the first token of a block reads the clean previous token."""
+    base = tiny_causal_lm(arch, backend)
+    model = get_diffusion_model(base, DiffusionConfig(attention="block", block_size=BLOCK, mask_token_id=MASK_ID))
+    model.eval()
+    noisy, clean = tokens(seed=1), tokens(seed=2)
+    seen_noisy = influence(model, noisy, clean_input_ids=clean)  # changes of x_t
+    seen_clean = _influence_of_clean(model, noisy, clean)  # changes of x_0
+
+    def block(i):
+        return i // BLOCK
+
+    expected_noisy = torch.zeros(LENGTH, LENGTH, dtype=torch.bool)
+    expected_clean = torch.zeros(LENGTH, LENGTH, dtype=torch.bool)
+    for i in range(LENGTH):
+        source, from_clean = max(i - 1, 0), i > 0 and i % BLOCK == 0
+        for j in range(LENGTH):
+            if from_clean:  # a clean hidden state depends on clean tokens of blocks <= its own
+                expected_clean[i, j] = block(j) <= block(source)
+            else:  # a noisy hidden state: noisy tokens of its block, clean tokens of earlier blocks
+                expected_noisy[i, j] = block(j) == block(source)
+                expected_clean[i, j] = block(j) < block(source)
+    assert torch.equal(seen_noisy, expected_noisy), f"x_t influence\n{seen_noisy.int()}"
+    assert torch.equal(seen_clean, expected_clean), f"x_0 influence\n{seen_clean.int()}"
+
+
+def _influence_of_clean(model, noisy, clean):
+    length = clean.shape[1]
+    batch = clean.repeat(length + 1, 1)
+    for j in range(length):
+        batch[j + 1, j] = 3 + (batch[j + 1, j] + 2) % 120
+    with torch.no_grad():
+        logits = model(input_ids=noisy.repeat(length + 1, 1), clean_input_ids=batch).logits.float()
+    return ((logits[1:] - logits[:1]).abs().amax(-1) > 1e-5).T
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["bidirectional", "block"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "phi3"])
+def test_packed_documents_are_isolated(arch, pattern, backend):
+    """Two documents in one row (position ids restart at 0): no influence across documents, blocks per document."""
+    model = get_diffusion_model(
+        tiny_causal_lm(arch, backend),
+        DiffusionConfig(attention=pattern, block_size=BLOCK, shift=False, mask_token_id=MASK_ID),
+    ).eval()
+    first, second = 7, 5
+    position_ids = torch.cat([torch.arange(first), torch.arange(second)])[None]
+    seen = influence(model, tokens(first + second), position_ids=position_ids)
+    doc = [0] * first + [1] * second
+    pos = position_ids[0].tolist()
+    expected = torch.tensor(
+        [[doc[i] == doc[j] and allowed(pattern, pos[i], pos[j]) for j in range(first + second)] for i in range(first + second)]
+    )
+    assert torch.equal(seen, expected), f"\n{seen.int()}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+def test_padding_never_influences_and_matches_unpadded(arch, padding_side, backend):
+    """Padding tokens influence nothing; the real tokens' logits equal those of the unpadded input."""
+    model = get_diffusion_model(
+        tiny_causal_lm(arch, backend), DiffusionConfig(attention="block", block_size=BLOCK, mask_token_id=MASK_ID)
+    ).eval()
+    real = tokens(9)
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    padded = torch.cat([pad, real], 1) if padding_side == "left" else torch.cat([real, pad], 1)
+    attention_mask = (torch.arange(12) >= 3) if padding_side == "left" else (torch.arange(12) < 9)
+    attention_mask = attention_mask.long()[None]
+    real_slice = slice(3, 12) if padding_side == "left" else slice(0, 9)
+    seen = influence(model, padded, attention_mask=attention_mask)
+    pad_columns = [j for j in range(12) if attention_mask[0, j] == 0]
+    assert not seen[real_slice][:, pad_columns].any()
+    with torch.no_grad():
+        padded_logits = model(input_ids=padded, attention_mask=attention_mask).logits[0, real_slice]
+        plain_logits = model(input_ids=real).logits[0]
+    torch.testing.assert_close(padded_logits, plain_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "starcoder2"])
+def test_sliding_window_is_kept_symmetric(arch, backend):
+    """One sliding layer of window 3: token j reaches i iff the pattern allows it and |i - j| < 3."""
+    base = tiny_causal_lm(arch, backend, num_hidden_layers=1, sliding_window=3)
+    if arch == "gemma2":
+        base.config.layer_types = ["sliding_attention"]
+    model = get_diffusion_model(
+        base, DiffusionConfig(attention="bidirectional", shift=False, mask_token_id=MASK_ID)
+    ).eval()
+    seen = influence(model, tokens())
+    expected = torch.tensor([[abs(i - j) < 3 for j in range(LENGTH)] for i in range(LENGTH)])
+    assert torch.equal(seen, expected), f"\n{seen.int()}"
+
+
+def test_layout_dense_matches_hand_rules():
+    positions = torch.arange(8)[None]
+    doc_ids = torch.zeros_like(positions)
+    dense = AttentionLayout("block", positions, doc_ids, block_size=3).dense()[0]
+    assert torch.equal(dense, torch.tensor([[k // 3 <= q // 3 for k in range(8)] for q in range(8)]))
+    two = two_stream_layout(positions, doc_ids, 4).dense()[0]  # [16, 16]
+    for q in range(16):
+        for k in range(16):
+            q_clean, k_clean, bq, bk = q >= 8, k >= 8, (q % 8) // 4, (k % 8) // 4
+            if q_clean:
+                rule = k_clean and bk <= bq
+            else:
+                rule = (not k_clean and bk == bq) or (k_clean and bk < bq)
+            assert bool(two[q, k]) == rule, (q, k)
+
+
+def test_layout_is_inactive_outside_the_context():
+    """A model outside `diffusion_attention` stays causal, even after the interface was installed."""
+    base = tiny_causal_lm("llama", "sdpa")
+    get_diffusion_model(base, DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID))
+    input_ids = tokens()
+    with torch.no_grad():
+        before = base(input_ids=input_ids).logits
+        changed = input_ids.clone()
+        changed[0, -1] += 1
+        after = base(input_ids=changed).logits
+    torch.testing.assert_close(before[:, :-1], after[:, :-1])
+    layout = AttentionLayout("bidirectional", torch.arange(LENGTH)[None], torch.zeros(1, LENGTH, dtype=torch.long))
+    with diffusion_attention(layout), torch.no_grad():
+        inside = base(input_ids=changed).logits
+    assert not torch.allclose(inside[:, 0], after[:, 0])
+
+
+def test_bad_layouts_raise():
+    positions = torch.arange(4)[None]
+    with pytest.raises(ValueError, match="pattern"):
+        AttentionLayout("sideways", positions, positions)
+    with pytest.raises(ValueError, match="block_size"):
+        AttentionLayout("block", positions, positions)
+    with pytest.raises(ValueError, match="ratio"):
+        annealed_open_entries(4, 1.5)
