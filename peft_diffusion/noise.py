@@ -1,0 +1,708 @@
+r"""Forward (noising) process of masked diffusion: noise schedules, time sampling and token corruption.
+
+This module is the only place where tokens become the mask token. It is pure math over tensors: it imports only
+torch, and holds no state.
+
+Notation (used across the package):
+
+| name          | meaning                                                                                  |
+|---------------|------------------------------------------------------------------------------------------|
+| `t`           | diffusion time in (0, 1]; `t = 1` means every target token is masked                     |
+| `alpha_t`     | probability that a token is still clean at time `t` (`alpha_0 = 1`, `alpha_1 = 0`)        |
+| `mask_prob`   | `1 - alpha_t`, probability that a target token is masked at time `t`                     |
+| `elbo_weight` | `-alpha'_t / (1 - alpha_t)`, the ELBO weight of a masked token (`1 / t` for linear)       |
+| `input_ids`   | the clean sequence `x_0`                                                                 |
+| `noisy_ids`   | the corrupted sequence `x_t`                                                             |
+| `is_target`   | token is scored by the loss (`labels != -100`); only targets are ever masked              |
+| `is_masked`   | token was replaced by the mask token in `noisy_ids`                                      |
+| `is_prompt`, `is_padding` | tokens that are never targets and never change                               |
+
+The continuous-time masked-diffusion NELBO (MDLM; DiffuLLaMA arXiv 2410.17891, Eq. 5) is
+
+    -log p(x_0) <= int_0^1  -alpha'_t / (1 - alpha_t)  E_{x_t ~ q(x_t | x_0)} [ sum_i 1[x_t^i = m] (-log p(x_0^i | x_t)) ] dt
+
+and with the linear schedule `alpha_t = 1 - t` the weight is `1 / t` (DiffuLLaMA Eq. 6). A *per-token* schedule
+`alpha_t^i` (position-dependent masking) gives the same bound with the per-token weight
+`-alpha'^i_t / (1 - alpha^i_t)` (Shi et al. 2024, "Simplified and Generalized Masked Diffusion", GenMD4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+__all__ = [
+    "EOS_POLICIES",
+    "MASKING_POLICIES",
+    "NOISE_SCHEDULES",
+    "CosineNoiseSchedule",
+    "Corruption",
+    "LinearNoiseSchedule",
+    "MaskingPolicy",
+    "NoiseSchedule",
+    "apply_mask",
+    "complementary",
+    "corrupt",
+    "elbo_weight",
+    "eos_targets",
+    "expand_time",
+    "get_masking_policy",
+    "get_noise_schedule",
+    "position_dependent_masking",
+    "register_masking_policy",
+    "register_noise_schedule",
+    "sample_time",
+    "uniform_masking",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Noise schedules
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class NoiseSchedule(Protocol):
+    """A noise schedule `alpha_t`: decreasing from `alpha_0 = 1` to `alpha_1 = 0`.
+
+    Any object with these two methods works (no registration needed); register it with `register_noise_schedule`
+    to make it selectable by name from a config.
+    """
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """Probability `alpha_t` that a token is still clean at time `t` (any shape, same shape out)."""
+        ...
+
+    def alpha_derivative(self, t: torch.Tensor) -> torch.Tensor:
+        """`d alpha_t / dt` (any shape, same shape out); negative on (0, 1)."""
+        ...
+
+
+NOISE_SCHEDULES: dict[str, type[NoiseSchedule]] = {}
+
+
+def register_noise_schedule(name: str) -> Callable[[type], type]:
+    """Class decorator that registers a noise schedule under `name` (the value of `DiffusionConfig.noise_schedule`).
+
+    Args:
+        name (`str`): the registry key, lower_snake.
+
+    Returns:
+        The decorator; it returns the class unchanged.
+    """
+
+    def decorator(cls: type) -> type:
+        if name in NOISE_SCHEDULES:
+            raise ValueError(f"A noise schedule named {name!r} is already registered ({NOISE_SCHEDULES[name]}).")
+        NOISE_SCHEDULES[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_noise_schedule(name_or_instance: str | NoiseSchedule) -> NoiseSchedule:
+    """Resolve a noise schedule from its registered name, or return an instance unchanged.
+
+    Args:
+        name_or_instance (`str` or `NoiseSchedule`): a key of `NOISE_SCHEDULES` or any object with `alpha` and
+            `alpha_derivative`.
+
+    Returns:
+        `NoiseSchedule`: the schedule instance.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from peft_diffusion.noise import get_noise_schedule
+    >>> get_noise_schedule("linear").alpha(torch.tensor([0.25]))
+    tensor([0.7500])
+    ```
+    """
+    if isinstance(name_or_instance, str):
+        if name_or_instance not in NOISE_SCHEDULES:
+            raise ValueError(
+                f"`noise_schedule` must be one of {sorted(NOISE_SCHEDULES)} or a NoiseSchedule instance, got "
+                f"noise_schedule={name_or_instance!r}; register a new one with @register_noise_schedule."
+            )
+        return NOISE_SCHEDULES[name_or_instance]()
+    if isinstance(name_or_instance, NoiseSchedule):
+        return name_or_instance
+    raise ValueError(
+        f"`noise_schedule` must be a name in {sorted(NOISE_SCHEDULES)} or an object with `alpha` and "
+        f"`alpha_derivative`, got {type(name_or_instance).__name__}."
+    )
+
+
+@register_noise_schedule("linear")
+@dataclass(frozen=True)
+class LinearNoiseSchedule:
+    """`alpha_t = 1 - t`: the mask rate equals the time, and `elbo_weight = 1 / t` (DiffuLLaMA Eq. 6, MDLM, LLaDA)."""
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 - t
+
+    def alpha_derivative(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(t, -1.0)
+
+
+@register_noise_schedule("cosine")
+@dataclass(frozen=True)
+class CosineNoiseSchedule:
+    """`alpha_t = cos(pi / 2 * t)`: slower masking at small `t` (more weight on nearly clean inputs).
+
+    `elbo_weight = (pi / 2) sin(pi t / 2) / (1 - cos(pi t / 2))`, about `2 / t` near 0 and `pi / 2` at `t = 1`.
+    This is the cosine form of Shi et al. 2024 (MD4); it differs from MDLM's log-linear schedule.
+    """
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cos(0.5 * math.pi * t)
+
+    def alpha_derivative(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+
+def _mask_prob_and_weight(schedule: NoiseSchedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`1 - alpha_t` and `-alpha'_t / (1 - alpha_t)` computed in float64 (`1 - cos` cancels in float32 at small t)."""
+    t64 = t.to(torch.float64)  # any shape
+    mask_prob = 1.0 - schedule.alpha(t64)  # same shape
+    weight = -schedule.alpha_derivative(t64) / mask_prob  # same shape
+    return mask_prob, weight
+
+
+def elbo_weight(schedule: str | NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """ELBO weight `-alpha'_t / (1 - alpha_t)` of a masked token at time `t` (`1 / t` for the linear schedule).
+
+    Args:
+        schedule (`str` or `NoiseSchedule`): the noise schedule.
+        t (`torch.Tensor` of any shape): times in (0, 1]; the weight is infinite at `t = 0`.
+
+    Returns:
+        `torch.Tensor` of the same shape and dtype as `t` (float32 if `t` is not floating point).
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from peft_diffusion.noise import elbo_weight
+    >>> elbo_weight("linear", torch.tensor([0.5, 0.25]))
+    tensor([2., 4.])
+    ```
+    """
+    dtype = t.dtype if t.is_floating_point() else torch.float32
+    return _mask_prob_and_weight(get_noise_schedule(schedule), t)[1].to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Time sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sample_time(
+    batch_size: int,
+    num_blocks: int = 1,
+    *,
+    eps: float = 1e-3,
+    antithetic: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw diffusion times `t ~ U(eps, 1]`, one per sequence (or per block under block attention).
+
+    1. Draw `u` in [0, 1): i.i.d., or (`antithetic=True`) the stratified set `u_k = (u_0 + k / N) mod 1` over the
+       `N = batch_size * num_blocks` flattened draws (MDLM's low-discrepancy sampler, LLaDA): each draw is still
+       uniform, but the batch covers [0, 1) evenly, so the batch-mean loss has a much lower variance.
+    2. Map `u -> t = 1 - (1 - eps) u` in (eps, 1]; `eps` keeps `elbo_weight` (`1 / t`) finite.
+
+    Args:
+        batch_size (`int`): number of sequences `B`.
+        num_blocks (`int`, defaults to 1): times per sequence `nb` (one per block for block diffusion).
+        eps (`float`, defaults to 1e-3): smallest time, in (0, 1).
+        antithetic (`bool`, defaults to `False`): stratified instead of i.i.d. draws.
+        generator (`torch.Generator`, *optional*): source of randomness.
+        device (`torch.device` or `str`, *optional*): device of the result.
+
+    Returns:
+        `torch.Tensor` of shape `[batch_size, num_blocks]`, float32, values in (eps, 1].
+
+    Example:
+    ```python
+    >>> from peft_diffusion.noise import sample_time
+    >>> sample_time(4, antithetic=True).shape
+    torch.Size([4, 1])
+    ```
+    """
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"`eps` must be in (0, 1), got eps={eps}; use a small positive value such as 1e-3.")
+    if batch_size < 1 or num_blocks < 1:
+        raise ValueError(
+            f"`batch_size` and `num_blocks` must be >= 1, got batch_size={batch_size} and num_blocks={num_blocks}."
+        )
+    num_draws = batch_size * num_blocks
+    # 1. uniform draws in [0, 1)
+    if antithetic:
+        offset = torch.rand((), generator=generator, device=device)  # []
+        strata = torch.arange(num_draws, device=device, dtype=torch.float32) / num_draws  # [N]
+        u = torch.remainder(offset + strata, 1.0)  # [N]
+    else:
+        u = torch.rand(num_draws, generator=generator, device=device)  # [N]
+    # 2. map to (eps, 1]
+    t = 1.0 - (1.0 - eps) * u  # [N]
+    return t.view(batch_size, num_blocks)  # [B, nb]
+
+
+def expand_time(t: torch.Tensor, seq_len: int, block_size: int | None = None) -> torch.Tensor:
+    """Per-token time from a per-sequence or per-block time.
+
+    Block `b` covers positions `b * block_size .. (b + 1) * block_size - 1`; the last block may be shorter.
+
+    Args:
+        t (`torch.Tensor` of shape `[B]`, `[B, 1]` or `[B, nb]`): time per sequence, or per block.
+        seq_len (`int`): sequence length `L`.
+        block_size (`int`, *optional*): tokens per block; required when `nb > 1`, and then
+            `nb == ceil(seq_len / block_size)`.
+
+    Returns:
+        `torch.Tensor` of shape `[B, L]`.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from peft_diffusion.noise import expand_time
+    >>> expand_time(torch.tensor([[0.2, 0.9]]), seq_len=5, block_size=3)
+    tensor([[0.2000, 0.2000, 0.2000, 0.9000, 0.9000]])
+    ```
+    """
+    if t.dim() == 1:
+        t = t[:, None]  # [B, 1]
+    if t.dim() != 2:
+        raise ValueError(f"`t` must have shape [B], [B, 1] or [B, num_blocks], got shape {tuple(t.shape)}.")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"`block_size` must be >= 1, got block_size={block_size}.")
+    num_blocks = t.shape[1]
+    if num_blocks == 1:
+        return t.expand(-1, seq_len).contiguous()  # [B, L]
+    if block_size is None:
+        raise ValueError(
+            f"`t` has {num_blocks} times per sequence (shape {tuple(t.shape)}) but `block_size` is None; pass the "
+            "block size, or one time per sequence with shape [B, 1]."
+        )
+    expected = -(-seq_len // block_size)
+    if num_blocks != expected:
+        raise ValueError(
+            f"`t` must have ceil(seq_len / block_size) = {expected} times per sequence for seq_len={seq_len} and "
+            f"block_size={block_size}, got shape {tuple(t.shape)}; use sample_time(batch_size, {expected})."
+        )
+    return t.repeat_interleave(block_size, dim=1)[:, :seq_len]  # [B, L]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masking policies: which target tokens are masked at time t, and with which ELBO weight
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MaskingPolicy(Protocol):
+    """Maps per-token times to per-token mask probabilities and the matching ELBO weights.
+
+    Args:
+        t (`torch.Tensor` of shape `[B, L]`): per-token time, constant inside a group (block or sequence).
+        schedule (`NoiseSchedule`): the noise schedule.
+        positions (`torch.LongTensor` of shape `[B, L]`): index of each token inside its group; a group starts
+            at every position 0.
+        is_target (`torch.BoolTensor` of shape `[B, L]`): tokens that may be masked.
+        strength (`float`): policy strength; a policy without one requires 0.
+
+    Returns:
+        `(mask_prob, elbo_weight)`, both `[B, L]` in the dtype of `t`, both 0 where `is_target` is False.
+    """
+
+    def __call__(
+        self,
+        t: torch.Tensor,
+        schedule: NoiseSchedule,
+        positions: torch.Tensor,
+        is_target: torch.Tensor,
+        strength: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+MASKING_POLICIES: dict[str, MaskingPolicy] = {}
+
+
+def register_masking_policy(name: str) -> Callable[[MaskingPolicy], MaskingPolicy]:
+    """Decorator that registers a masking policy under `name` (the value of `DiffusionConfig.masking`).
+
+    Args:
+        name (`str`): the registry key, lower_snake.
+
+    Returns:
+        The decorator; it returns the policy unchanged.
+    """
+
+    def decorator(policy: MaskingPolicy) -> MaskingPolicy:
+        if name in MASKING_POLICIES:
+            raise ValueError(f"A masking policy named {name!r} is already registered ({MASKING_POLICIES[name]}).")
+        MASKING_POLICIES[name] = policy
+        return policy
+
+    return decorator
+
+
+def get_masking_policy(name_or_policy: str | MaskingPolicy) -> MaskingPolicy:
+    """Resolve a masking policy from its registered name, or return a callable unchanged.
+
+    Args:
+        name_or_policy (`str` or `MaskingPolicy`): a key of `MASKING_POLICIES` or any callable with the
+            `MaskingPolicy` signature.
+
+    Returns:
+        `MaskingPolicy`.
+    """
+    if isinstance(name_or_policy, str):
+        if name_or_policy not in MASKING_POLICIES:
+            raise ValueError(
+                f"`masking` must be one of {sorted(MASKING_POLICIES)} or a MaskingPolicy callable, got "
+                f"masking={name_or_policy!r}; register a new one with @register_masking_policy."
+            )
+        return MASKING_POLICIES[name_or_policy]
+    if callable(name_or_policy):
+        return name_or_policy
+    raise ValueError(
+        f"`masking` must be a name in {sorted(MASKING_POLICIES)} or a callable, got {type(name_or_policy).__name__}."
+    )
+
+
+@register_masking_policy("uniform")
+def uniform_masking(
+    t: torch.Tensor,
+    schedule: NoiseSchedule,
+    positions: torch.Tensor,
+    is_target: torch.Tensor,
+    strength: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every target token is masked independently with `mask_prob = 1 - alpha_t` (MDLM, LLaDA, DiffuLLaMA).
+
+    `elbo_weight = -alpha'_t / (1 - alpha_t)`. `strength` must be 0: this policy has none. See `MaskingPolicy` for
+    the arguments.
+    """
+    if strength != 0:
+        raise ValueError(
+            f"`strength` only applies to masking='position_dependent', got strength={strength} with "
+            "masking='uniform'; set it to 0 or use masking='position_dependent'."
+        )
+    mask_prob, weight = _mask_prob_and_weight(schedule, t)  # [B, L] float64
+    zero = mask_prob.new_zeros(())
+    mask_prob = torch.where(is_target, mask_prob, zero)  # [B, L]
+    weight = torch.where(is_target, weight, zero)  # [B, L]
+    return mask_prob.to(t.dtype), weight.to(t.dtype)
+
+
+def _group_sum(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Sum `values` [B, L] over the groups `group_ids` [B, L] (ids in [0, L)), returned per group: [B, L]."""
+    return torch.zeros_like(values).scatter_add_(1, group_ids, values)  # [B, G=L]
+
+
+@register_masking_policy("position_dependent")
+def position_dependent_masking(
+    t: torch.Tensor,
+    schedule: NoiseSchedule,
+    positions: torch.Tensor,
+    is_target: torch.Tensor,
+    strength: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Later target tokens are masked more at small `t`; the bias vanishes as `t -> 1` (Efficient-DLM).
+
+    At test time a dLM unmasks roughly left to right, so when few tokens are left masked (small `t`) they are the
+    late ones; uniform training masks never look like that. This policy tilts the mask rate toward later tokens.
+
+    1. Groups and relative positions. A group is a block (block diffusion) or a sequence: a run of tokens that starts
+       at `positions == 0`. Inside a group with `n` target tokens, the `k`-th target (`k = 0..n-1`, prompt and
+       padding skipped) has relative position `x = k / n` in [0, 1).
+    2. Tilt. `w(t) = exp(beta (1 - t) x)` with `beta = strength`; at `t = 1` all weights are equal.
+    3. Preserved marginal: the EXPECTED NUMBER of masked targets per group is `(1 - alpha_t) n`, the same as uniform
+       masking, so `t` keeps its meaning "fraction masked" for the sampler:
+       `mask_prob_i = min(1, (1 - alpha_t) n w_i / sum_j w_j)`.
+       Clip: for `beta <= 2` (linear and cosine schedules) no probability exceeds 1 and the expected count is exact;
+       for larger `beta` the latest tokens saturate at 1 and the expected count falls below `(1 - alpha_t) n`
+       (it is then `sum_i mask_prob_i`, which this function returns).
+    4. Loss weight. Each token follows its own schedule `alpha^i_t = 1 - mask_prob_i(t)`, so its ELBO weight is
+       `-alpha'^i_t / (1 - alpha^i_t) = d log mask_prob_i / dt`, computed analytically:
+       `elbo_weight_i = -alpha'_t / (1 - alpha_t) - beta (x_i - xbar)`, with `xbar = sum_j w_j x_j / sum_j w_j`.
+       It is positive and finite: `log mask_prob_i` is concave in `t` whenever `1 - alpha_t` is log-concave (linear,
+       cosine) since log-sum-exp is convex, and it reaches 0 at `t = 1`; so wherever `mask_prob_i < 1` it is strictly
+       increasing. A clipped token (unclipped probability above 1) is masked with certainty, its schedule is flat
+       there, and it gets weight 0: it is masked and predicted, but contributes no ELBO term at that time.
+
+    With `strength = 0` this is exactly `uniform_masking`. See `MaskingPolicy` for the arguments; `t` must be
+    constant inside each group (as `corrupt` guarantees).
+    """
+    if strength < 0:
+        raise ValueError(
+            f"`strength` (beta) of position-dependent masking must be >= 0, got strength={strength}; 0 is uniform "
+            "masking, larger values mask later tokens more."
+        )
+    t64 = t.to(torch.float64)  # [B, L]
+    is_target_f = is_target.to(torch.float64)  # [B, L]
+    # 1. groups, and the relative position x of each target inside its group
+    group_ids = ((positions == 0).long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    group_counts = _group_sum(is_target_f, group_ids)  # [B, G]
+    targets_before = group_counts.cumsum(-1) - group_counts  # [B, G] targets in earlier groups
+    rank = is_target_f.cumsum(-1) - 1.0 - targets_before.gather(1, group_ids)  # [B, L] k = 0..n-1 on targets
+    n = group_counts.gather(1, group_ids).clamp(min=1.0)  # [B, L]
+    x = torch.where(is_target, rank / n, 0.0)  # [B, L]
+    # 2. tilt, shifted by the largest exponent c (n - 1) / n of the group so that the last target has w = 1
+    c = strength * (1.0 - t64)  # [B, L]
+    w = torch.exp(c * (x - (n - 1.0) / n)) * is_target_f  # [B, L]
+    w_sum = _group_sum(w, group_ids).gather(1, group_ids).clamp(min=torch.finfo(torch.float64).tiny)  # [B, L]
+    wx_mean = _group_sum(w * x, group_ids).gather(1, group_ids) / w_sum  # [B, L] xbar
+    # 3. mask_prob_i = (1 - alpha_t) n w_i / sum_j w_j, clipped at 1
+    uniform_prob, uniform_weight = _mask_prob_and_weight(schedule, t64)  # [B, L]
+    raw_prob = uniform_prob * (w * n / w_sum)  # [B, L]
+    mask_prob = raw_prob.clamp(max=1.0) * is_target_f  # [B, L]
+    # 4. per-token ELBO weight d log mask_prob_i / dt; 0 where clipped (flat schedule) and on non-targets
+    weight = uniform_weight - strength * (x - wx_mean)  # [B, L]
+    weight = torch.where(is_target & (raw_prob <= 1.0), weight, 0.0)  # [B, L]
+    return mask_prob.to(t.dtype), weight.to(t.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Corruption
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Corruption:
+    """One draw `x_t ~ q(x_t | x_0)` of the forward process.
+
+    Attributes:
+        noisy_ids (`torch.LongTensor` of shape `[B, L]`): `x_t`, the mask token where `is_masked`.
+        is_masked (`torch.BoolTensor` of shape `[B, L]`): masked tokens (always a subset of the targets).
+        t (`torch.Tensor` of shape `[B, L]`): per-token time.
+        mask_prob (`torch.Tensor` of shape `[B, L]`): probability each token had of being masked (0 off target).
+        elbo_weight (`torch.Tensor` of shape `[B, L]`): ELBO weight of each token if masked (0 off target).
+    """
+
+    noisy_ids: torch.Tensor
+    is_masked: torch.Tensor
+    t: torch.Tensor
+    mask_prob: torch.Tensor
+    elbo_weight: torch.Tensor
+
+
+def apply_mask(input_ids: torch.Tensor, is_masked: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """Replace the tokens where `is_masked` by `mask_token_id`.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `[B, L]`): clean tokens `x_0`.
+        is_masked (`torch.BoolTensor` of shape `[B, L]`): which tokens to mask.
+        mask_token_id (`int`): id of the mask token.
+
+    Returns:
+        `torch.LongTensor` of shape `[B, L]`: `noisy_ids`.
+    """
+    if is_masked.shape != input_ids.shape or is_masked.dtype != torch.bool:
+        raise ValueError(
+            f"`is_masked` must be a bool tensor of the shape of `input_ids` {tuple(input_ids.shape)}, got "
+            f"{is_masked.dtype} of shape {tuple(is_masked.shape)}."
+        )
+    return input_ids.masked_fill(is_masked, mask_token_id)  # [B, L]
+
+
+def corrupt(
+    input_ids: torch.Tensor,
+    is_target: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    mask_token_id: int,
+    schedule: str | NoiseSchedule = "linear",
+    masking: str | MaskingPolicy = "uniform",
+    strength: float = 0.0,
+    block_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Corruption:
+    """Draw `x_t ~ q(x_t | x_0)`: mask target tokens independently with their `mask_prob`.
+
+    1. Expand `t` to one time per token (per block when `t` has one column per block).
+    2. Positions inside each group: inside the block when `block_size` is given, else inside the sequence.
+    3. The masking policy gives `mask_prob` and `elbo_weight` per token.
+    4. Mask each target with probability `mask_prob`; prompt and padding tokens never change.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `[B, L]`): clean tokens `x_0`.
+        is_target (`torch.BoolTensor` of shape `[B, L]`): tokens scored by the loss, `labels != -100`.
+        t (`torch.Tensor` of shape `[B]`, `[B, 1]` or `[B, num_blocks]`): time per sequence or per block, in (0, 1].
+        mask_token_id (`int`): id of the mask token.
+        schedule (`str` or `NoiseSchedule`, defaults to `"linear"`): the noise schedule.
+        masking (`str` or `MaskingPolicy`, defaults to `"uniform"`): the masking policy.
+        strength (`float`, defaults to 0.0): strength of the masking policy (`position_dependent`'s beta).
+        block_size (`int`, *optional*): block length; makes positions (and per-block times) block-relative.
+        generator (`torch.Generator`, *optional*): source of randomness.
+
+    Returns:
+        `Corruption` with `[B, L]` fields.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from peft_diffusion.noise import corrupt
+    >>> input_ids = torch.tensor([[5, 6, 7, 8]])
+    >>> is_target = torch.tensor([[False, True, True, True]])
+    >>> out = corrupt(input_ids, is_target, torch.tensor([1.0]), mask_token_id=0)
+    >>> out.noisy_ids
+    tensor([[5, 0, 0, 0]])
+    ```
+    """
+    if input_ids.dim() != 2 or is_target.shape != input_ids.shape or is_target.dtype != torch.bool:
+        raise ValueError(
+            f"`input_ids` must be [B, L] and `is_target` a bool tensor of the same shape, got input_ids "
+            f"{tuple(input_ids.shape)} and is_target {is_target.dtype} {tuple(is_target.shape)}."
+        )
+    has_target = is_target.any(dim=-1)  # [B]
+    if not bool(has_target.all()):
+        rows = (~has_target).nonzero().flatten().tolist()
+        raise ValueError(
+            f"`labels` without any target token: rows {rows} of `is_target` (labels != -100) are all False. Every "
+            "sequence needs at least one target; drop these examples or check the completion mask and truncation."
+        )
+    batch_size, seq_len = input_ids.shape
+    schedule = get_noise_schedule(schedule)
+    policy = get_masking_policy(masking)
+    # 1. per-token time
+    if t.dim() >= 1 and t.shape[0] != batch_size:
+        raise ValueError(f"`t` must have batch size {batch_size} (from `input_ids`), got shape {tuple(t.shape)}.")
+    t_tokens = expand_time(t, seq_len, block_size).to(input_ids.device)  # [B, L]
+    if not t_tokens.is_floating_point():
+        t_tokens = t_tokens.float()
+    # 2. positions inside each block, or inside the sequence
+    positions = torch.arange(seq_len, device=input_ids.device)  # [L]
+    if block_size is not None:
+        positions = positions % block_size  # [L]
+    positions = positions.expand(batch_size, -1)  # [B, L]
+    # 3. per-token mask probability and ELBO weight
+    mask_prob, weight = policy(t_tokens, schedule, positions, is_target, strength)  # [B, L], [B, L]
+    # 4. independent Bernoulli masking of target tokens only
+    u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)  # [B, L]
+    is_masked = (u < mask_prob) & is_target  # [B, L]
+    return Corruption(
+        noisy_ids=apply_mask(input_ids, is_masked, mask_token_id),
+        is_masked=is_masked,
+        t=t_tokens,
+        mask_prob=mask_prob,
+        elbo_weight=weight,
+    )
+
+
+def complementary(
+    corruption: Corruption, input_ids: torch.Tensor, is_target: torch.Tensor, mask_token_id: int
+) -> Corruption:
+    r"""The complementary draw: mask exactly the targets the first draw left clean (Fast-dLLM v2).
+
+    Training on both copies scores every target token exactly once per pair, which reduces the variance of the
+    loss and wastes no token.
+
+    Weight. Token `i` is masked in the complement with probability `1 - p_i`, where `p_i = corruption.mask_prob`.
+    Changing variables `u = 1 - p_i(t)` in the ELBO `int (p'_i / p_i) E_{q_{p_i}}[...] dt` gives the weight
+    `p'_i / (1 - p_i) = elbo_weight_i * p_i / (1 - p_i)` (`-alpha'_t / alpha_t` for uniform masking; `1 / (1 - t)`
+    for the linear schedule). For uniform masking the complement is an exact draw of the forward process at the time
+    `t'` with `1 - alpha_{t'} = alpha_t`, so the pair is an unbiased ELBO estimate; for position-dependent masking
+    the complement reverses the positional tilt, so each token's term is unbiased but the context is not a forward
+    draw. Tokens with `1 - p_i = 0` are never masked in the complement and get weight 0.
+
+    Time. The returned `t` is the reflected time `1 - t`: the complement's time for the linear schedule (with mask
+    rate `1 - t`); for other schedules `mask_prob` and `elbo_weight` are the quantities that matter.
+
+    Args:
+        corruption (`Corruption`): the first draw, from `corrupt`.
+        input_ids (`torch.LongTensor` of shape `[B, L]`): clean tokens `x_0`.
+        is_target (`torch.BoolTensor` of shape `[B, L]`): the targets used for the first draw.
+        mask_token_id (`int`): id of the mask token.
+
+    Returns:
+        `Corruption` with `is_masked = is_target & ~corruption.is_masked`.
+    """
+    is_masked = is_target & ~corruption.is_masked  # [B, L]
+    mask_prob = torch.where(is_target, 1.0 - corruption.mask_prob, 0.0)  # [B, L]
+    has_prob = is_target & (mask_prob > 0)  # [B, L]
+    ratio = corruption.mask_prob / torch.where(has_prob, mask_prob, 1.0)  # [B, L] p / (1 - p)
+    weight = torch.where(has_prob, corruption.elbo_weight * ratio, 0.0)  # [B, L]
+    return Corruption(
+        noisy_ids=apply_mask(input_ids, is_masked, mask_token_id),
+        is_masked=is_masked,
+        t=1.0 - corruption.t,
+        mask_prob=mask_prob,
+        elbo_weight=weight,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EOS / padding targets for instruction data
+# ----------------------------------------------------------------------------------------------------------------
+
+EOS_POLICIES = ("none", "all")
+
+
+def eos_targets(
+    labels: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eos_token_id: int,
+    policy: Literal["none", "all"] = "none",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decide whether the padding after an answer is a target.
+
+    - `"none"` (default): padding (`attention_mask == 0`) is never a target; the answer's own EOS, when the chat
+      template labels it, stays a target, so the model still learns to stop. Default because padding length depends
+      on the other examples of the batch: making it a target changes the objective with the batch composition and
+      floods short answers' loss with easy EOS predictions. It is the right choice for block-wise decoding, which
+      stops at the first EOS.
+    - `"all"` (LLaDA SFT): the run of padding/EOS tokens right after the last target of each row becomes EOS
+      targets, attended to like real tokens, so the model learns to fill the unused tail of a fixed-length canvas
+      with EOS (needed for full-sequence decoding, where the answer length is not known in advance).
+
+    Args:
+        labels (`torch.LongTensor` of shape `[B, L]`): -100 on non-targets.
+        input_ids (`torch.LongTensor` of shape `[B, L]`): token ids.
+        attention_mask (`torch.LongTensor` of shape `[B, L]`): 1 on real tokens, 0 on padding.
+        eos_token_id (`int`): id of the EOS token.
+        policy (`str`, defaults to `"none"`): one of `EOS_POLICIES`.
+
+    Returns:
+        `(input_ids, labels, attention_mask)`, each `[B, L]`; new tensors, the inputs are not modified. With `"all"`
+        the trailing padding holds `eos_token_id` in `input_ids` and `labels` and 1 in `attention_mask`.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from peft_diffusion.noise import eos_targets
+    >>> labels = torch.tensor([[-100, 7, 2, -100]])
+    >>> input_ids = torch.tensor([[5, 7, 2, 0]])
+    >>> attention_mask = torch.tensor([[1, 1, 1, 0]])
+    >>> eos_targets(labels, input_ids, attention_mask, eos_token_id=2, policy="all")[1]
+    tensor([[-100,    7,    2,    2]])
+    ```
+    """
+    if policy not in EOS_POLICIES:
+        raise ValueError(f"`policy` must be one of {list(EOS_POLICIES)}, got policy={policy!r}.")
+    if not labels.shape == input_ids.shape == attention_mask.shape:
+        raise ValueError(
+            f"`labels`, `input_ids` and `attention_mask` must have the same shape, got {tuple(labels.shape)}, "
+            f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}."
+        )
+    is_padding = attention_mask == 0  # [B, L]
+    if policy == "none":
+        return input_ids.clone(), labels.masked_fill(is_padding, -100), attention_mask.clone()
+    # "all": the maximal run of padding/EOS right after the last target becomes EOS targets
+    positions = torch.arange(labels.shape[1], device=labels.device)  # [L]
+    is_target = (labels != -100) & ~is_padding  # [B, L]
+    last_target = torch.where(is_target, positions, -1).amax(dim=-1, keepdim=True)  # [B, 1]
+    is_after = (positions > last_target) & (last_target >= 0)  # [B, L]
+    is_filler = is_padding | (input_ids == eos_token_id)  # [B, L]
+    first_content = torch.where(is_after & ~is_filler, positions, labels.shape[1]).amin(dim=-1, keepdim=True)  # [B, 1]
+    is_trailing = is_after & (positions < first_content)  # [B, L]
+    return (
+        input_ids.masked_fill(is_trailing, eos_token_id),
+        labels.masked_fill(is_padding & ~is_trailing, -100).masked_fill(is_trailing, eos_token_id),
+        attention_mask.masked_fill(is_trailing, 1),
+    )
