@@ -156,7 +156,9 @@ def annealed_open_entries(
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"The annealing `ratio` must be in [0, 1], got ratio={ratio}.")
-    scores = torch.rand(num_positions, num_positions, generator=generator, device=generator.device if generator else device)
+    scores = torch.rand(
+        num_positions, num_positions, generator=generator, device=generator.device if generator else device
+    )
     return (scores < ratio).to(device)  # [P, P]
 
 

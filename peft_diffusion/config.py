@@ -98,7 +98,9 @@ class DiffusionConfig(PreTrainedConfig):
             )
         if self.mask_token_id is not None:
             if not isinstance(self.mask_token_id, int) or self.mask_token_id < 0:
-                raise ValueError(f"`mask_token_id` must be a non-negative int, got mask_token_id={self.mask_token_id!r}.")
+                raise ValueError(
+                    f"`mask_token_id` must be a non-negative int, got mask_token_id={self.mask_token_id!r}."
+                )
             vocab_size = getattr(self.base_config, "vocab_size", None)
             if vocab_size is not None and self.mask_token_id >= vocab_size:
                 raise ValueError(

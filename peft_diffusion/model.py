@@ -16,6 +16,7 @@ Outline of `DiffusionLM.forward`:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -89,11 +90,22 @@ class DiffusionLM(PreTrainedModel):
             if config.base_config is None:
                 raise ValueError("`DiffusionConfig.base_config` is empty: build the model with `get_diffusion_model`.")
             model = AutoModelForCausalLM.from_config(config.base_config)
+        else:
+            # A model handed over is initialised already (pretrained, LoRA layers included): `post_init` must not
+            # re-initialise it.
+            for module in model.modules():
+                module._is_hf_initialized = True
         check_architecture(_causal_lm(model).config)
+        _check_attention_backend(config, _causal_lm(model).config._attn_implementation)
         self.model = model
         # The annealing ratio is training state: the trainer sets it every step (DiffuLLaMA's attention annealing).
         self.annealing_ratio = 1.0
-        self._check_attention_backend()
+        if (self.causal_lm.config._attn_implementation or "").startswith("flash_attention"):
+            # Flash kernels take only a padding mask: bidirectional attention reaches them through `is_causal`.
+            self.causal_lm.config.is_causal = False
+            for module in self.causal_lm.modules():
+                if hasattr(module, "is_causal"):
+                    module.is_causal = False
         self.post_init()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -126,6 +138,13 @@ class DiffusionLM(PreTrainedModel):
         """The underlying transformers causal LM (inside the PEFT wrapper, if any)."""
         return _causal_lm(self.model)
 
+    def tie_weights(self, *args, **kwargs):
+        # Under PEFT the wrapped causal LM tied its own weights; the prefixed names transformers derives through the
+        # PeftModel wrapper do not exist.
+        if self.is_peft:
+            return
+        return super().tie_weights(*args, **kwargs)
+
     def get_input_embeddings(self):
         return self.causal_lm.get_input_embeddings()
 
@@ -142,20 +161,6 @@ class DiffusionLM(PreTrainedModel):
 
     def gradient_checkpointing_disable(self):
         self.causal_lm.gradient_checkpointing_disable()
-
-    def _check_attention_backend(self) -> None:
-        implementation = self.causal_lm.config._attn_implementation or "eager"
-        if implementation.startswith("flash_attention"):
-            # Flash kernels take only a padding mask: causal or fully bidirectional, nothing in between.
-            if self.config.attention != "bidirectional":
-                raise ValueError(
-                    f"attn_implementation={implementation!r} supports only attention='bidirectional', got "
-                    f"attention={self.config.attention!r}; use attn_implementation='sdpa' or 'flex_attention'."
-                )
-            self.causal_lm.config.is_causal = False
-            for module in self.causal_lm.modules():
-                if hasattr(module, "is_causal"):
-                    module.is_causal = False
 
     # ------------------------------------------------------------------------------------------------------------
     # Forward
@@ -307,6 +312,27 @@ class DiffusionLM(PreTrainedModel):
         return raw_logits.gather(1, gather_index)  # [B, L, V]
 
     # ------------------------------------------------------------------------------------------------------------
+    # Generation (the loop lives in generation.py)
+    # ------------------------------------------------------------------------------------------------------------
+
+    def can_generate(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
+        """Parallel denoising; see `peft_diffusion.generation.generate` for the arguments."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    @torch.no_grad()
+    def infill(self, *args, **kwargs):
+        """Fill gaps between fixed text (bidirectional attention); see `peft_diffusion.generation.infill`."""
+        from .generation import infill
+
+        return infill(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
     # Save / load
     # ------------------------------------------------------------------------------------------------------------
 
@@ -381,6 +407,22 @@ def _causal_lm(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def _check_attention_backend(config: DiffusionConfig, implementation: str | None) -> None:
+    """Flash kernels take only a 2D padding mask: causal or fully bidirectional, nothing in between."""
+    if not (implementation or "").startswith("flash_attention"):
+        return
+    if config.attention != "bidirectional":
+        raise ValueError(
+            f"attn_implementation={implementation!r} supports only attention='bidirectional', got "
+            f"attention={config.attention!r}; use attn_implementation='sdpa' (or 'flex_attention' on a GPU)."
+        )
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            f"attn_implementation={implementation!r} needs flash-attn (GPU only): "
+            '`pip install "peft-diffusion[flash]"`, or use attn_implementation="sdpa".'
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Conversion
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,8 +482,9 @@ def get_diffusion_model(
     if isinstance(model, PeftModel):
         raise ValueError("`model` is already a PeftModel; pass the plain causal LM and a `peft_config`.")
 
-    # 2. architecture
+    # 2. architecture and attention backend
     check_architecture(model.config)
+    _check_attention_backend(config, model.config._attn_implementation)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ValueError(
             f"The tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has "

@@ -52,7 +52,9 @@ def influence(model, input_ids, **forward_kwargs):
     batch = input_ids.repeat(length + 1, 1)  # [L+1, L]
     for j in range(length):
         batch[j + 1, j] = 3 + (batch[j + 1, j] + 2) % 120
-    repeated = {key: value.repeat(length + 1, 1) if torch.is_tensor(value) else value for key, value in forward_kwargs.items()}
+    repeated = {
+        key: value.repeat(length + 1, 1) if torch.is_tensor(value) else value for key, value in forward_kwargs.items()
+    }
     with torch.no_grad():
         logits = model(input_ids=batch, **repeated).logits.float()  # [L+1, L, V]
     changed = (logits[1:] - logits[:1]).abs().amax(-1) > 1e-5  # [j, i]
@@ -149,7 +151,10 @@ def test_packed_documents_are_isolated(arch, pattern, backend):
     doc = [0] * first + [1] * second
     pos = position_ids[0].tolist()
     expected = torch.tensor(
-        [[doc[i] == doc[j] and allowed(pattern, pos[i], pos[j]) for j in range(first + second)] for i in range(first + second)]
+        [
+            [doc[i] == doc[j] and allowed(pattern, pos[i], pos[j]) for j in range(first + second)]
+            for i in range(first + second)
+        ]
     )
     assert torch.equal(seen, expected), f"\n{seen.int()}"
 
