@@ -37,6 +37,8 @@ from .attention import (
     two_stream_layout,
 )
 from .config import DEFAULT_MASK_TOKEN, DiffusionConfig
+from .loss import diffusion_loss
+from .noise import complementary, corrupt, masked_corruption, sample_time
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +208,14 @@ class DiffusionLM(PreTrainedModel):
         use_cache: bool = False,
         inputs_embeds: torch.FloatTensor | None = None,
         generator: torch.Generator | None = None,
+        labels: torch.LongTensor | None = None,
+        t: torch.Tensor | None = None,
+        is_masked: torch.Tensor | None = None,
+        time_eps: float = 1e-3,
+        antithetic_time: bool = False,
+        complementary_masking: bool = False,
+        normalization: str = "targets",
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> DiffusionLMOutput:
         r"""Logits of the diffusion LM, aligned to positions.
@@ -223,17 +233,45 @@ class DiffusionLM(PreTrainedModel):
                 layout `[x_t ; x_0]` and returns the logits of the noisy half (training and likelihood scoring).
             past_key_values (`Cache`, *optional*): a KV cache of committed tokens (block decoding).
             use_cache (`bool`, defaults to `False`): return the updated cache.
-            generator (`torch.Generator`, *optional*): randomness of the annealed pattern.
+            generator (`torch.Generator`, *optional*): randomness of the annealed pattern and, with `labels`, of
+                the time and the corruption.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                With labels, `input_ids` are the clean tokens x_0 and the forward returns the diffusion loss: the
+                tokens with `labels != -100` are the targets (prompt and padding stay clean), a time t and a
+                corruption are drawn (`noise.py`), and the masked cross-entropy is weighted by the ELBO weight
+                (`loss.py`). Like a causal LM with labels, but the labels are not shifted by the caller.
+            t (`torch.Tensor` of shape `(batch_size,)` or `(batch_size, num_blocks)`, *optional*): an explicit time
+                (per block under block attention) instead of a draw.
+            is_masked (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*): explicit masked
+                positions (needs `t`); used by tests and likelihood evaluation.
+            time_eps (`float`, defaults to 1e-3): t is drawn from U(time_eps, 1).
+            antithetic_time (`bool`, defaults to `False`): stratified draws of t over the batch (lower variance).
+            complementary_masking (`bool`, defaults to `False`): add the complementary corruption of every row, so
+                each target is masked exactly once per pair (Fast-dLLM v2); doubles the batch.
+            normalization (`str`, defaults to `"targets"`): divide by the number of target tokens (the ELBO) or by
+                the number of masked tokens (`"masked"`).
+            num_items_in_batch (`int`, *optional*): the Trainer's count of target tokens over accumulated batches.
 
         Returns:
-            `DiffusionLMOutput` with `logits` of shape `(batch_size, sequence_length, vocab_size)`.
+            `DiffusionLMOutput` with `logits` of shape `(batch_size, sequence_length, vocab_size)` and, with
+            `labels`, the `loss` and detached `metrics`.
         """
-        if kwargs.pop("labels", None) is not None:
-            raise ValueError(
-                "`labels` are not taken by `DiffusionLM.forward` yet: corrupt the inputs yourself and score the "
-                "logits, or train with `DiffusionTrainer`."
+        if labels is not None:
+            return self._loss_forward(
+                input_ids,
+                labels,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                generator=generator,
+                t=t,
+                is_masked=is_masked,
+                time_eps=time_eps,
+                antithetic_time=antithetic_time,
+                complementary_masking=complementary_masking,
+                normalization=normalization,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
             )
-        kwargs.pop("num_items_in_batch", None)
         embeds = input_ids if input_ids is not None else inputs_embeds
         batch_size, length = embeds.shape[:2]
         device = embeds.device
@@ -292,6 +330,106 @@ class DiffusionLM(PreTrainedModel):
         if self.config.mask_token_id is not None:
             logits[..., self.config.mask_token_id] = torch.finfo(logits.dtype).min
         return DiffusionLMOutput(logits=logits, past_key_values=outputs.past_key_values if use_cache else None)
+
+    def _loss_forward(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor,
+        *,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        generator: torch.Generator | None,
+        t: torch.Tensor | None,
+        is_masked: torch.Tensor | None,
+        time_eps: float,
+        antithetic_time: bool,
+        complementary_masking: bool,
+        normalization: str,
+        num_items_in_batch,
+        **kwargs,
+    ) -> DiffusionLMOutput:
+        """The masked-diffusion loss (DiffuLLaMA eq. for L_t, MDLM): corrupt the targets, predict them, weight by 1/t.
+
+        1. targets: `labels != -100`, minus the first token of every document under shift (nothing precedes it);
+        2. time: one t per sequence, or per block under block attention; drawn unless given;
+        3. corruption: the masking policy of the config (`noise.corrupt`), or the given `is_masked`;
+           optionally the complementary copy;
+        4. logits on x_t (two-stream `[x_t ; x_0]` under block attention with clean context);
+        5. `loss.diffusion_loss`.
+        """
+        config = self.config
+        batch_size, length = input_ids.shape
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}; "
+                "labels are aligned to positions (not shifted)."
+            )
+        # 1. targets
+        is_target = labels != -100  # [B, L]
+        if attention_mask is not None:
+            is_target &= attention_mask.bool()
+        if config.shift:
+            positions, _ = positions_from_inputs(attention_mask, position_ids, batch_size, length, input_ids.device)
+            is_target &= positions > 0  # [B, L]
+        # 2. time
+        block_size = config.block_size if config.attention == "block" else None
+        num_blocks = -(-length // block_size) if block_size else 1
+        if t is None:
+            if is_masked is not None:
+                raise ValueError("An explicit `is_masked` needs the time `t` it was drawn at.")
+            t = sample_time(
+                batch_size, num_blocks, eps=time_eps, antithetic=antithetic_time, generator=generator,
+                device=input_ids.device,
+            )  # [B, nb]
+        # 3. corruption
+        if is_masked is None:
+            corruption = corrupt(
+                input_ids, is_target, t, mask_token_id=config.mask_token_id, schedule=config.noise_schedule,
+                masking=config.masking, strength=config.masking_strength, block_size=block_size, generator=generator,
+            )
+        else:
+            corruption = masked_corruption(
+                input_ids, is_target, is_masked, t, mask_token_id=config.mask_token_id,
+                schedule=config.noise_schedule, masking=config.masking, strength=config.masking_strength,
+                block_size=block_size,
+            )
+        corruptions = [corruption]
+        if complementary_masking:
+            corruptions.append(complementary(corruption, input_ids, is_target, config.mask_token_id))
+        noisy_ids = torch.cat([c.noisy_ids for c in corruptions])  # [B or 2B, L]
+        repeat = len(corruptions)
+
+        def repeated(tensor):
+            return None if tensor is None else tensor.repeat(repeat, *([1] * (tensor.dim() - 1)))
+
+        # 4. logits on x_t
+        outputs = self(
+            input_ids=noisy_ids,
+            attention_mask=repeated(attention_mask),
+            position_ids=repeated(position_ids),
+            clean_input_ids=repeated(input_ids) if config.uses_clean_context else None,
+            generator=generator,
+            **kwargs,
+        )
+        # 5. the loss
+        result = diffusion_loss(
+            outputs.logits,
+            repeated(input_ids),
+            torch.cat([c.is_masked for c in corruptions]),
+            repeated(is_target),
+            torch.cat([c.elbo_weight for c in corruptions]),
+            normalization=normalization,
+            num_items_in_batch=None if num_items_in_batch is None else num_items_in_batch * repeat,
+        )
+        with torch.no_grad():
+            num_targets = is_target.sum().clamp(min=1)
+            metrics = {
+                "masked_ce": result.masked_ce.detach(),
+                "mean_t": (corruption.t * is_target).sum() / num_targets,
+                "masked_fraction": (corruption.is_masked.sum() / num_targets).float(),
+                "num_targets": is_target.sum(),
+            }
+        return DiffusionLMOutput(loss=result.loss, logits=outputs.logits, metrics=metrics)
 
     def _align(
         self, raw_logits: torch.Tensor, length: int, two_stream: bool, positions: torch.Tensor

@@ -510,6 +510,63 @@ def apply_mask(input_ids: torch.Tensor, is_masked: torch.Tensor, mask_token_id: 
     return input_ids.masked_fill(is_masked, mask_token_id)  # [B, L]
 
 
+def _token_probabilities(input_ids, is_target, t, schedule, masking, strength, block_size):
+    """Steps 1-3 of `corrupt`: per-token time, and the policy's `mask_prob` and `elbo_weight` (all [B, L])."""
+    batch_size, seq_len = input_ids.shape
+    schedule = get_noise_schedule(schedule)
+    policy = get_masking_policy(masking)
+    # 1. per-token time
+    if t.dim() >= 1 and t.shape[0] != batch_size:
+        raise ValueError(f"`t` must have batch size {batch_size} (from `input_ids`), got shape {tuple(t.shape)}.")
+    t_tokens = expand_time(t, seq_len, block_size).to(input_ids.device)  # [B, L]
+    if not t_tokens.is_floating_point():
+        t_tokens = t_tokens.float()
+    # 2. positions inside each block, or inside the sequence
+    positions = torch.arange(seq_len, device=input_ids.device)  # [L]
+    if block_size is not None:
+        positions = positions % block_size  # [L]
+    positions = positions.expand(batch_size, -1)  # [B, L]
+    # 3. per-token mask probability and ELBO weight
+    mask_prob, weight = policy(t_tokens, schedule, positions, is_target, strength)  # [B, L], [B, L]
+    return t_tokens, mask_prob, weight
+
+
+def masked_corruption(
+    input_ids: torch.Tensor,
+    is_target: torch.Tensor,
+    is_masked: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    mask_token_id: int,
+    schedule: str | NoiseSchedule = "linear",
+    masking: str | MaskingPolicy = "uniform",
+    strength: float = 0.0,
+    block_size: int | None = None,
+) -> Corruption:
+    """A `Corruption` with given masked positions (drawn elsewhere at time `t`): tests and likelihood estimators.
+
+    Only target tokens are masked (`is_masked & is_target`); the weights are those `corrupt` would use at `t`.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `[B, L]`): clean tokens `x_0`.
+        is_target (`torch.BoolTensor` of shape `[B, L]`): tokens scored by the loss.
+        is_masked (`torch.BoolTensor` of shape `[B, L]`): positions to mask.
+        t (`torch.Tensor` of shape `[B]`, `[B, 1]` or `[B, num_blocks]`): the time of the draw.
+
+    Returns:
+        `Corruption` with `[B, L]` fields.
+    """
+    t_tokens, mask_prob, weight = _token_probabilities(input_ids, is_target, t, schedule, masking, strength, block_size)
+    is_masked = is_masked.bool() & is_target  # [B, L]
+    return Corruption(
+        noisy_ids=apply_mask(input_ids, is_masked, mask_token_id),
+        is_masked=is_masked,
+        t=t_tokens,
+        mask_prob=mask_prob,
+        elbo_weight=weight,
+    )
+
+
 def corrupt(
     input_ids: torch.Tensor,
     is_target: torch.Tensor,
@@ -566,22 +623,8 @@ def corrupt(
             f"`labels` without any target token: rows {rows} of `is_target` (labels != -100) are all False. Every "
             "sequence needs at least one target; drop these examples or check the completion mask and truncation."
         )
-    batch_size, seq_len = input_ids.shape
-    schedule = get_noise_schedule(schedule)
-    policy = get_masking_policy(masking)
-    # 1. per-token time
-    if t.dim() >= 1 and t.shape[0] != batch_size:
-        raise ValueError(f"`t` must have batch size {batch_size} (from `input_ids`), got shape {tuple(t.shape)}.")
-    t_tokens = expand_time(t, seq_len, block_size).to(input_ids.device)  # [B, L]
-    if not t_tokens.is_floating_point():
-        t_tokens = t_tokens.float()
-    # 2. positions inside each block, or inside the sequence
-    positions = torch.arange(seq_len, device=input_ids.device)  # [L]
-    if block_size is not None:
-        positions = positions % block_size  # [L]
-    positions = positions.expand(batch_size, -1)  # [B, L]
-    # 3. per-token mask probability and ELBO weight
-    mask_prob, weight = policy(t_tokens, schedule, positions, is_target, strength)  # [B, L], [B, L]
+    # 1.-3. per-token time, positions, mask probability and ELBO weight
+    t_tokens, mask_prob, weight = _token_probabilities(input_ids, is_target, t, schedule, masking, strength, block_size)
     # 4. independent Bernoulli masking of target tokens only
     u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)  # [B, L]
     is_masked = (u < mask_prob) & is_target  # [B, L]
