@@ -1,0 +1,350 @@
+"""`DiffusionTrainer`: TRL's `SFTTrainer` with the masked-diffusion objective.
+
+Everything about data is TRL's: `SFTTrainer._prepare_dataset` tokenizes text / prompt-completion / chat `messages`,
+builds `labels` with -100 on prompt, non-assistant and padding tokens, truncates and packs. The diffusion model noises
+exactly the tokens with `labels != -100` (`DiffusionLM.forward(labels=...)`), so prompts stay clean in every format.
+Under padding-free packing, TRL passes `position_ids` restarting at every document; `DiffusionLM` turns them into
+document ids, and documents never attend to each other.
+
+What this subclass adds:
+1. conversion: a causal LM (object or path) plus `diffusion_config` (+ `peft_config`) becomes a `DiffusionLM`;
+2. a collator step: the first token of each document is no target under the shift, and `eos_policy="all"` turns
+   trailing padding into EOS targets, both *before* the Trainer counts `num_items_in_batch`;
+3. `compute_loss`: the model's own diffusion loss (never TRL's shifted causal loss), the annealing ratio from the
+   global step (restored on resume), detached metrics averaged between logging steps;
+4. evaluation: `eval_loss` with `"targets"` normalization and a fixed noise seed, `eval_nll_bound` (the ELBO bound on
+   the NLL per target token, token-weighted over the eval set) and `eval_ppl_bound = exp(eval_nll_bound)`;
+5. checkpoints: a PEFT `DiffusionLM` saves a standard adapter + `diffusion_config.json`; resuming loads the adapter
+   (mask-token row included) back into the wrapped `PeftModel`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import PeftConfig, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from trl import SFTTrainer
+
+from .attention import annealing_ratio, positions_from_inputs
+from .config import DiffusionConfig
+from .model import DiffusionLM, get_diffusion_model
+from .noise import eos_targets
+from .training_config import DiffusionTrainingConfig
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# Columns TRL's dataset preparation can turn into `input_ids` + `labels`.
+_USABLE_COLUMNS = (
+    "`text` (or `dataset_text_field`), `prompt` + `completion`, `messages`, `conversations` or `input_ids`"
+)
+# Logged metric names, in the order of the vector `compute_loss` stacks.
+METRIC_NAMES = ("masked_ce", "mean_t", "masked_fraction")
+
+
+@dataclass
+class DiffusionDataCollator:
+    """Wraps TRL's collator: fixes the targets before the Trainer counts `num_items_in_batch` (`labels != -100`).
+
+    1. `eos_policy="all"`: padding after each answer becomes EOS targets (`noise.eos_targets`, LLaDA SFT);
+    2. under the shift, the first token of each document has no left neighbour, so it is never a target (TRL's
+       padding-free collator already does this; padded batches start a document at position 0 of each row).
+    """
+
+    collator: Callable
+    shift: bool
+    eos_policy: str = "none"
+    eos_token_id: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        labels = batch["labels"]  # [B, L]
+        # 1. EOS targets on the trailing padding
+        if self.eos_policy != "none" and "attention_mask" in batch:
+            batch["input_ids"], labels, batch["attention_mask"] = eos_targets(
+                labels, batch["input_ids"], batch["attention_mask"], self.eos_token_id, self.eos_policy
+            )
+        # 2. no target at a document start under the shift
+        if self.shift:
+            positions, _ = positions_from_inputs(
+                batch.get("attention_mask"), batch.get("position_ids"), *labels.shape, labels.device
+            )  # [B, L]
+            labels = labels.masked_fill(positions == 0, -100)
+        batch["labels"] = labels
+        return batch
+
+
+class DiffusionTrainer(SFTTrainer):
+    r"""Train a masked diffusion LM with TRL's dataset handling (conversion by continued pretraining, or SFT).
+
+    Args:
+        model (`DiffusionLM`, `PreTrainedModel` or `str`):
+            A `DiffusionLM` (from `get_diffusion_model`), or a causal LM / a path to one together with
+            `diffusion_config`: the trainer converts it with `get_diffusion_model`.
+        args (`DiffusionTrainingConfig`, *optional*): training arguments; defaults to
+            `DiffusionTrainingConfig("<model name>-diffusion")`.
+        data_collator, train_dataset, eval_dataset, callbacks, optimizers, formatting_func, compute_metrics:
+            as in `trl.SFTTrainer`. Datasets: `text` (continued pretraining, with packing), `prompt`/`completion`
+            (the prompt stays clean) or chat `messages` (with `assistant_only_loss=True` only assistant turns are
+            noised; needs a chat template with `{% generation %}`).
+        processing_class (`PreTrainedTokenizerBase`, *optional*): the tokenizer; loaded from `model` when it is a
+            path. Needed to find or add the mask token when the trainer converts the model.
+        diffusion_config (`DiffusionConfig`, *optional*): the diffusion settings for conversion.
+        peft_config (`PeftConfig`, *optional*): e.g. `LoraConfig(r=64, target_modules="all-linear")` for conversion;
+            `None` is full finetuning.
+        quantization_config (`BitsAndBytesConfig`, *optional*): load the base (a path) quantized, for QLoRA.
+
+    Example:
+    ```python
+    >>> from datasets import Dataset
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from peft import LoraConfig
+    >>> from peft_diffusion import DiffusionConfig, DiffusionTrainer, DiffusionTrainingConfig
+    >>> trainer = DiffusionTrainer(
+    ...     model="path/to/causal-lm",
+    ...     args=DiffusionTrainingConfig("out", max_steps=10, max_length=256, packing=True),
+    ...     train_dataset=Dataset.from_dict({"text": ["Once upon a time ..."] * 64}),
+    ...     diffusion_config=DiffusionConfig(attention="block", block_size=32),
+    ...     peft_config=LoraConfig(r=64, target_modules="all-linear"),
+    ... )  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
+
+    _tag_names = ["trl", "sft", "peft-diffusion", "diffusion-lm"]
+    _name = "Diffusion"
+
+    def __init__(
+        self,
+        model: DiffusionLM | PreTrainedModel | str,
+        args: DiffusionTrainingConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        *,
+        diffusion_config: DiffusionConfig | None = None,
+        peft_config: PeftConfig | None = None,
+        quantization_config=None,
+        **kwargs,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config.name_or_path or "model"
+            args = DiffusionTrainingConfig(f"{os.path.basename(str(name).rstrip('/')) or 'model'}-diffusion")
+        elif not isinstance(args, DiffusionTrainingConfig):
+            raise TypeError(
+                f"`args` must be a `DiffusionTrainingConfig`, got {type(args).__name__}; build one with the same "
+                "arguments: `DiffusionTrainingConfig(**sft_args)` (it subclasses `trl.SFTConfig`)."
+            )
+        _check_dataset(train_dataset, args, kwargs.get("formatting_func"), "train_dataset")
+        if eval_dataset is not None:
+            for name, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]:
+                _check_dataset(dataset, args, kwargs.get("formatting_func"), f"eval_dataset[{name!r}]")
+        _check_packing(train_dataset, args)
+        if processing_class is None and isinstance(model, (str, os.PathLike)):
+            processing_class = AutoTokenizer.from_pretrained(model)
+        if processing_class is None:
+            raise ValueError(
+                "`processing_class` is required: pass the model's tokenizer (the trainer tokenizes the data with it)."
+            )
+
+        # 1. conversion
+        if isinstance(model, DiffusionLM):
+            if diffusion_config is not None or peft_config is not None or quantization_config is not None:
+                raise ValueError(
+                    "`model` is already a DiffusionLM: `diffusion_config`, `peft_config` and `quantization_config` "
+                    "are for converting a causal LM; drop them, or pass the plain causal LM."
+                )
+        else:
+            if diffusion_config is None:
+                raise ValueError(
+                    f"`model` is a {type(model).__name__}, not a DiffusionLM: pass `diffusion_config=DiffusionConfig(...)`"
+                    " so the trainer converts it, or convert it first with `get_diffusion_model`."
+                )
+            model_kwargs = dict(args.model_init_kwargs or {})
+            if quantization_config is not None:
+                if not isinstance(model, (str, os.PathLike)):
+                    raise ValueError(
+                        "`quantization_config` needs `model` as a path to load the base from; pass a path, or an "
+                        "already-quantized model without `quantization_config`."
+                    )
+                if importlib.util.find_spec("bitsandbytes") is None:
+                    raise ImportError(
+                        '`quantization_config` (QLoRA) needs bitsandbytes: `pip install "peft-diffusion[qlora]"`.'
+                    )
+                model_kwargs["quantization_config"] = quantization_config
+            elif not isinstance(model, (str, os.PathLike)) and model_kwargs:
+                logger.warning("`model_init_kwargs` are ignored: `model` is already instantiated.")
+                model_kwargs = {}
+            # PEFT initialises the adapter randomly: seed first, like SFTTrainer, for reproducible runs.
+            torch.manual_seed(args.seed)
+            model = get_diffusion_model(
+                model, diffusion_config, tokenizer=processing_class, peft_config=peft_config, **model_kwargs
+            )
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # 2. targets fixed before `num_items_in_batch` is counted; the diffusion labels are not shifted
+        self._loss_shifts_labels = False
+        self.data_collator = DiffusionDataCollator(
+            self.data_collator,
+            shift=self.model.config.shift,
+            eos_policy=args.eos_policy,
+            eos_token_id=self._tokenizer.eos_token_id,
+        )
+        self._diffusion_metrics = {"train": [], "eval": []}
+        self._elbo_sums = defaultdict(float)
+        self._eval_generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss and metrics
+    # ------------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The diffusion loss of `DiffusionLM.forward(labels=...)` with the training knobs of `self.args`.
+
+        1. the annealing ratio from the global step (optimizer steps; restored with the trainer state on resume);
+        2. the forward with labels (training: the configured knobs; evaluation: the per-token ELBO, a fixed noise
+           seed, no complementary copy);
+        3. DDP averages gradients over ranks while `num_items_in_batch` counts every rank's tokens: scale back;
+        4. detached metrics, gathered over ranks, averaged at the next log.
+        """
+        args = self.args
+        training = self.model.training
+        mode = "train" if training else "eval"
+        # 1. annealing
+        if training:
+            self.model.annealing_ratio = annealing_ratio(self.state.global_step, args.anneal_steps)
+        # 2. forward
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            labels=inputs["labels"],
+            attention_mask=inputs.get("attention_mask"),
+            position_ids=inputs.get("position_ids"),
+            time_eps=args.time_eps,
+            antithetic_time=args.antithetic_time if training else False,
+            complementary_masking=args.complementary_masking if training else False,
+            normalization=args.loss_normalization if training else "targets",
+            generator=None if training else self._eval_generator,
+            num_items_in_batch=num_items_in_batch if training else None,
+        )
+        loss = outputs.loss
+        # 3. token averaging across ranks
+        if training and args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        # 4. metrics
+        metrics = outputs.metrics
+        with torch.no_grad():
+            values = torch.stack([metrics[name].float() for name in METRIC_NAMES])  # [3]
+            if not training:
+                # the token-weighted ELBO over the eval set: sum of per-token bounds and number of targets
+                num_targets = metrics["num_targets"].float()
+                values = torch.cat([values, torch.stack([outputs.loss.detach().float() * num_targets, num_targets])])
+            gathered = self.accelerator.gather(values[None])  # [world, 3 or 5]
+        self._diffusion_metrics[mode].append(gathered)
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, *args, **kwargs):
+        # A fixed noise seed: evaluations are comparable across checkpoints, and the training RNG stream is untouched
+        # (so resuming after an evaluation gives the uninterrupted result).
+        self._eval_generator = torch.Generator(device=self.args.device).manual_seed(self.args.seed)
+        return super().evaluate(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        collected = self._diffusion_metrics[mode]
+        if collected:
+            stacked = torch.cat(collected)  # [steps * world, 3 or 5]
+            means = stacked[:, : len(METRIC_NAMES)].mean(0).tolist()
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({f"{prefix}{name}": value for name, value in zip(METRIC_NAMES, means)})
+            if mode == "eval":
+                nll_sum, num_targets = stacked[:, len(METRIC_NAMES) :].sum(0).tolist()
+                nll_bound = nll_sum / max(num_targets, 1.0)
+                logs["eval_nll_bound"] = nll_bound
+                logs["eval_ppl_bound"] = math.exp(min(nll_bound, 700.0))
+            collected.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # The stock Trainer looks for a PeftModel or full weights; a PEFT DiffusionLM checkpoint holds a standard
+        # adapter (LoRA weights + mask-token row) beside `diffusion_config.json`.
+        if not self._load_adapter(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_adapter(self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+    def _load_adapter(self, checkpoint: str | None) -> bool:
+        """Load a saved adapter into the PEFT model inside `self.model`; False when there is nothing to load."""
+        if checkpoint is None or not self.model.is_peft:
+            return False
+        if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in ADAPTER_FILES):
+            return False
+        peft_model = self.model.model
+        weights = load_peft_weights(checkpoint, device="cpu")
+        result = set_peft_model_state_dict(peft_model, weights, adapter_name=peft_model.active_adapter)
+        if result.unexpected_keys:
+            raise ValueError(
+                f"The adapter in {checkpoint} does not match the model: unexpected keys {result.unexpected_keys[:5]}."
+            )
+        logger.info("Loaded the adapter from %s.", checkpoint)
+        return True
+
+
+def _check_dataset(dataset, args: DiffusionTrainingConfig, formatting_func, name: str) -> None:
+    """A dataset TRL can turn into `input_ids` + `labels`; else a `ValueError` naming the columns."""
+    if dataset is None:
+        if name == "train_dataset":
+            raise ValueError("`train_dataset` is required.")
+        return
+    first = next(iter(dataset))
+    usable = (
+        formatting_func is not None
+        or "input_ids" in first
+        or args.dataset_text_field in first
+        or ("prompt" in first and "completion" in first)
+        or "messages" in first
+        or "conversations" in first
+    )
+    if not usable:
+        raise ValueError(
+            f"`{name}` has no usable column: got columns {sorted(first)}; it needs {_USABLE_COLUMNS}. Rename the "
+            "column, set `dataset_text_field`, or pass a `formatting_func`."
+        )
+
+
+def _check_packing(dataset, args: DiffusionTrainingConfig) -> None:
+    """Completion-only losses need each prompt in the same packed document as its answer."""
+    first = next(iter(dataset))
+    completion_only = args.completion_only_loss
+    if completion_only is None:
+        completion_only = "prompt" in first and "completion" in first
+    if args.packing and (completion_only or args.assistant_only_loss) and args.packing_strategy != "bfd":
+        raise ValueError(
+            f"packing_strategy={args.packing_strategy!r} cuts examples apart, so an answer can land in a packed "
+            "document without its prompt (the prompt must stay clean context for the noised answer); with "
+            "completion_only_loss or assistant_only_loss use packing_strategy='bfd' (or packing=False)."
+        )

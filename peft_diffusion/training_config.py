@@ -1,0 +1,140 @@
+"""`DiffusionTrainingConfig`: what only the optimisation loop reads.
+
+Everything TRL's `SFTConfig` holds (batch sizes, `max_length`, packing, completion-only loss, logging, saving, hub)
+is inherited unchanged. The fields added here are the knobs of the masked-diffusion objective that matter only while
+training: they are not saved with the model (`DiffusionConfig` holds what the model *is*).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import SFTConfig
+
+from .loss import NORMALIZATIONS
+from .noise import EOS_POLICIES
+
+
+@dataclass
+class DiffusionTrainingConfig(SFTConfig):
+    r"""Training arguments of `DiffusionTrainer`: TRL's `SFTConfig` plus the diffusion objective's training knobs.
+
+    Args:
+        anneal_steps (`int`, defaults to 0):
+            Length, in optimizer steps, of DiffuLLaMA's attention-mask annealing (arXiv 2410.17891, Sec. 3.2): the
+            fraction of the upper triangle opened grows linearly from 0 to 1 over `anneal_steps`, then attention stays
+            bidirectional. Read only under `DiffusionConfig(attention="annealed")`; 0 is bidirectional from step 0.
+        time_eps (`float`, defaults to 1e-3):
+            The diffusion time is drawn from U(time_eps, 1): keeps the 1/t ELBO weight finite.
+        antithetic_time (`bool`, defaults to `False`):
+            Stratified (low-discrepancy) draws of t over the batch: lower gradient variance, same expectation.
+        complementary_masking (`bool`, defaults to `False`):
+            Also train on the complementary corruption of every row, so each target is masked exactly once per pair
+            (Fast-dLLM v2). Doubles the tokens per forward.
+        loss_normalization (`str`, defaults to `"targets"`):
+            `"targets"`: divide the weighted masked CE by the number of target tokens (the unbiased per-token NELBO,
+            MDLM/LLaDA). `"masked"`: divide by the number of masked tokens (lower variance, not an ELBO). Evaluation
+            always uses `"targets"`, so `eval_loss` is the NLL bound per token.
+        eos_policy (`str`, defaults to `"none"`):
+            `"none"`: padding is never a target. `"all"` (LLaDA SFT): the padding after each answer becomes EOS
+            targets, so the model learns to fill the tail of a fixed-length canvas with EOS. Needs padded batches
+            (not packing / padding-free). See `peft_diffusion.noise.eos_targets`.
+        gradient_checkpointing (`bool`, *optional*):
+            Alias of `activation_checkpointing`. TRL turns it on by default; here it defaults to on only when a CUDA
+            device is present (on CPU it only costs time).
+        bf16 (`bool`, *optional*):
+            TRL turns it on by default; here it defaults to on only when the CUDA device supports bfloat16 (and `fp16`
+            is off), so the defaults also run on CPU.
+
+    Example:
+    ```python
+    >>> from peft_diffusion import DiffusionTrainingConfig
+    >>> args = DiffusionTrainingConfig(output_dir="out", anneal_steps=1000, report_to="none")
+    >>> args.anneal_steps, args.loss_normalization
+    (1000, 'targets')
+    ```
+    """
+
+    anneal_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer steps over which the annealed attention opens from causal to bidirectional "
+            "(DiffuLLaMA); used only with attention='annealed'; 0 means bidirectional from the start."
+        },
+    )
+    time_eps: float = field(
+        default=1e-3,
+        metadata={"help": "The diffusion time t is drawn from U(time_eps, 1); keeps the 1/t weight finite."},
+    )
+    antithetic_time: bool = field(
+        default=False,
+        metadata={"help": "Stratified draws of t over the batch (lower gradient variance)."},
+    )
+    complementary_masking: bool = field(
+        default=False,
+        metadata={"help": "Also train on the complementary mask of every row (Fast-dLLM v2); doubles the tokens."},
+    )
+    loss_normalization: str = field(
+        default="targets",
+        metadata={
+            "help": "Divide the weighted masked CE by the number of target tokens ('targets', the per-token ELBO) "
+            "or of masked tokens ('masked')."
+        },
+    )
+    eos_policy: str = field(
+        default="none",
+        metadata={
+            "help": "'none': padding is never a target; 'all': padding after an answer becomes EOS targets (LLaDA "
+            "SFT, needs padded batches)."
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Trade compute for memory; defaults to on with a CUDA device, off on CPU."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bfloat16 mixed precision; defaults to on when the CUDA device supports it and fp16 is off."
+        },
+    )
+
+    def __post_init__(self):
+        on_gpu = torch.cuda.is_available() and not self.use_cpu
+        if self.activation_checkpointing is None:
+            # `gradient_checkpointing` is transformers' deprecated alias: resolve it here, without its warning.
+            self.activation_checkpointing = (
+                on_gpu if self.gradient_checkpointing is None else self.gradient_checkpointing
+            )
+            self.gradient_checkpointing = None
+        if self.bf16 is None:
+            self.bf16 = on_gpu and not self.fp16 and torch.cuda.is_bf16_supported()
+        super().__post_init__()
+        self.validate_diffusion()
+
+    def validate_diffusion(self) -> None:
+        """Check the diffusion knobs and raise `ValueError` naming the field, the value and the fix."""
+        if not isinstance(self.anneal_steps, int) or isinstance(self.anneal_steps, bool) or self.anneal_steps < 0:
+            raise ValueError(
+                f"`anneal_steps` must be an integer >= 0 (optimizer steps), got anneal_steps={self.anneal_steps!r}; "
+                "use 0 for bidirectional attention from the start."
+            )
+        if not 0.0 < self.time_eps < 1.0:
+            raise ValueError(
+                f"`time_eps` must be in (0, 1), got time_eps={self.time_eps!r}; t is drawn from U(time_eps, 1), "
+                "a typical value is 1e-3."
+            )
+        if self.loss_normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"`loss_normalization` must be one of {list(NORMALIZATIONS)}, got "
+                f"loss_normalization={self.loss_normalization!r}."
+            )
+        if self.eos_policy not in EOS_POLICIES:
+            raise ValueError(f"`eos_policy` must be one of {list(EOS_POLICIES)}, got eos_policy={self.eos_policy!r}.")
+        if self.eos_policy == "all" and (self.packing or self.padding_free):
+            raise ValueError(
+                "`eos_policy='all'` turns the padding after each answer into EOS targets, but packing / padding-free "
+                f"batches have no padding (packing={self.packing}, padding_free={self.padding_free}); use "
+                "eos_policy='none' with packing, or packing=False."
+            )
