@@ -439,8 +439,10 @@ class DiffusionLM(PreTrainedModel):
             return raw_logits[:, :length].clone()
         index = torch.arange(length, device=raw_logits.device).expand(raw_logits.shape[0], -1)  # [B, L]
         # The first token of a document has no left neighbour: it reads itself (it is never a target under shift),
-        # so padding or a previous packed document never leaks into it.
-        source = torch.where(positions == 0, index, index - 1)  # [B, L]
+        # so padding or a previous packed document never leaks into it. With a KV cache, the first input token's left
+        # neighbour is cached and has no logits here: it reads itself too, so its row is no prediction (the decoding
+        # loop feeds the last committed token again, outside the cache, to predict the next one: `generation.py`).
+        source = torch.where(positions == 0, index, index - 1).clamp(min=0)  # [B, L]
         if two_stream:
             # The first token of a noisy block is predicted from the clean copy of the previous token: under the
             # clean-context pattern the noisy previous token lives in another block and cannot be the context.

@@ -1,0 +1,363 @@
+"""The denoising loop: cached == uncached, batch == single, padding, EOS, samplers, NFE, infill, streaming, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, MASK_ID, tiny_causal_lm
+from transformers import TextIteratorStreamer, TextStreamer
+
+from peft_diffusion import DiffusionConfig, get_diffusion_model
+from peft_diffusion.generation import DiffusionGenerateOutput, DiffusionGenerationConfig, generate, infill
+from peft_diffusion.samplers import SAMPLERS
+
+BLOCK = 4
+EOS = 2
+
+
+def diffusion_model(arch="llama", attention="block", shift=True, backend="eager", block_size=BLOCK, seed=0):
+    config = DiffusionConfig(attention=attention, block_size=block_size, shift=shift, mask_token_id=MASK_ID)
+    return get_diffusion_model(tiny_causal_lm(arch, backend, seed=seed), config).eval()
+
+
+def prompts(batch=3, length=7, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, MASK_ID - 1, (batch, length), generator=generator)
+
+
+def left_padded(rows, pad=0):
+    """Left-pad a list of 1D prompts; returns (input_ids, attention_mask)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, width - len(row) :] = row
+        attention_mask[index, width - len(row) :] = 1
+    return input_ids, attention_mask
+
+
+NO_EOS = dict(eos_token_id=[])  # random tiny models emit any token; most tests decode the full length
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exactness of the KV cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cached_equals_uncached(arch):
+    model = diffusion_model(arch)
+    # Ragged left-padded prompts: the first block is partial (prompt tail) and differs per row.
+    input_ids, attention_mask = left_padded([row[:n] for row, n in zip(prompts(3, 7), (7, 5, 2))])
+    kwargs = dict(max_new_tokens=10, steps=10, return_dict_in_generate=True, **NO_EOS)
+    cached = generate(model, input_ids, attention_mask, use_cache=True, **kwargs)
+    uncached = generate(model, input_ids, attention_mask, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert cached.nfe == uncached.nfe
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+def test_cached_equals_uncached_without_shift(arch, backend):
+    model = diffusion_model(arch, shift=False, backend=backend)
+    input_ids, attention_mask = left_padded([row[:n] for row, n in zip(prompts(2, 6), (6, 3))])
+    kwargs = dict(max_new_tokens=8, steps=8, threshold=0.5, **NO_EOS)
+    cached = generate(model, input_ids, attention_mask, use_cache=True, **kwargs)
+    uncached = generate(model, input_ids, attention_mask, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_cached_equals_uncached_with_wider_decoding_blocks():
+    """block_length a multiple of block_size: two attention blocks per decoding block."""
+    model = diffusion_model("llama")
+    input_ids = prompts(2, 5)
+    kwargs = dict(max_new_tokens=16, steps=8, block_length=2 * BLOCK, **NO_EOS)
+    assert torch.equal(
+        generate(model, input_ids, use_cache=True, **kwargs), generate(model, input_ids, use_cache=False, **kwargs)
+    )
+
+
+def test_cache_saves_forwards_over_the_prompt():
+    """The prompt is prefilled once: a cached step forwards one block (+1 token), not the whole canvas."""
+    model = diffusion_model("llama")
+    calls = []
+    handle = model.causal_lm.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    generate(model, prompts(1, 12), max_new_tokens=8, steps=8, use_cache=True, **NO_EOS)
+    handle.remove()
+    assert calls[0] == 12 + BLOCK  # prefill fused with the first block's first step
+    assert max(calls[1:]) <= 2 * BLOCK + 1  # block steps, and commit fused with the next block
+    assert len(calls) == 8
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batching, padding, output
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["block", "bidirectional"])
+def test_batch_equals_one_by_one_and_padding_is_invisible(attention):
+    model = diffusion_model("llama", attention=attention)
+    rows = [row[:n] for row, n in zip(prompts(3, 7, seed=1), (7, 4, 5))]
+    input_ids, attention_mask = left_padded(rows)
+    kwargs = dict(max_new_tokens=8, steps=8, **NO_EOS)
+    batched = generate(model, input_ids, attention_mask, **kwargs)
+    width = input_ids.shape[1]
+    for index, row in enumerate(rows):
+        single = generate(model, row[None], **kwargs)
+        assert torch.equal(batched[index, width:], single[0, len(row) :])
+
+
+def test_output_keeps_prompt_and_has_no_mask():
+    model = diffusion_model("llama")
+    input_ids, attention_mask = left_padded([row[:n] for row, n in zip(prompts(2, 6), (6, 3))])
+    out = generate(model, input_ids, attention_mask, max_new_tokens=9, steps=3, threshold=0.9, **NO_EOS)
+    assert out.shape == (2, 6 + 9)
+    assert torch.equal(out[:, :6], input_ids)
+    assert not (out == MASK_ID).any()
+
+
+def test_return_dict_history_and_config_object():
+    model = diffusion_model("llama")
+    config = DiffusionGenerationConfig(max_new_tokens=8, steps=4, output_history=True, return_dict_in_generate=True)
+    out = model.generate(prompts(1, 4), generation_config=config, **NO_EOS)
+    assert isinstance(out, DiffusionGenerateOutput)
+    assert out.history.shape == (out.nfe, 1, 8)
+    masked_per_step = (out.history == MASK_ID).sum(dim=(1, 2))
+    assert masked_per_step.tolist() == sorted(masked_per_step.tolist(), reverse=True)
+    assert masked_per_step[-1] == 0
+    assert torch.equal(out.history[-1], out.sequences[:, 4:])
+
+
+def test_eos_stops_a_row_and_pads_after_it():
+    model = diffusion_model("llama")
+    # Force EOS at row 1's third new token: the lm_head scores EOS highly only there is impossible to target, so use
+    # a model whose EOS is a token that row 0 never produces and row 1 does.
+    reference = generate(model, prompts(2, 5, seed=3), max_new_tokens=12, steps=12, **NO_EOS)
+    eos = int(reference[1, 5 + 2])
+    out = generate(model, prompts(2, 5, seed=3), max_new_tokens=12, steps=12, eos_token_id=eos, pad_token_id=0)
+    for row in range(2):
+        new = out[row, 5:]
+        hits = (new == eos).nonzero()
+        if len(hits):
+            first = int(hits[0])
+            assert torch.equal(new[: first + 1], reference[row, 5 : 5 + first + 1])
+            assert (new[first + 1 :] == 0).all()
+    assert int((out[1, 5:] == eos).nonzero()[0]) <= 2
+
+
+def test_all_rows_finished_ends_the_loop_early():
+    model = diffusion_model("llama")
+    base = generate(model, prompts(1, 5), max_new_tokens=16, steps=16, return_dict_in_generate=True, **NO_EOS)
+    eos = int(base.sequences[0, 5])  # the first new token (committed in the first block)
+    stopped = generate(
+        model, prompts(1, 5), max_new_tokens=16, steps=16, eos_token_id=eos, return_dict_in_generate=True
+    )
+    assert stopped.nfe < base.nfe
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Samplers and NFE
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_end_to_end(sampler):
+    model = diffusion_model("llama")
+    input_ids = prompts(2, 5)
+
+    def run(seed):
+        return generate(
+            model,
+            input_ids,
+            max_new_tokens=8,
+            steps=4,
+            sampler=sampler,
+            do_sample=True,
+            temperature=0.8,
+            top_k=20,
+            generator=torch.Generator().manual_seed(seed),
+            **NO_EOS,
+        )
+
+    first, again = run(0), run(0)
+    assert torch.equal(first, again)
+    assert not (first == MASK_ID).any()
+    assert torch.equal(first[:, :5], input_ids)
+    # rows are independent: row 1 alone with the same seed draws differently, but decodes fully
+    assert not (generate(model, input_ids[1:], max_new_tokens=8, steps=4, sampler=sampler, **NO_EOS) == MASK_ID).any()
+
+
+def test_sampler_instance_is_accepted():
+    class Leftmost:
+        def confidence(self, probs, tokens, *, generator=None):
+            return -torch.arange(tokens.shape[1], dtype=torch.float32).expand(tokens.shape)
+
+    model = diffusion_model("llama", attention="bidirectional")
+    out = generate(
+        model,
+        prompts(1, 4),
+        max_new_tokens=6,
+        steps=6,
+        sampler=Leftmost(),
+        output_history=True,
+        return_dict_in_generate=True,
+        **NO_EOS,
+    )
+    committed = (out.history != MASK_ID).sum(-1)[:, 0]
+    assert committed.tolist() == [1, 2, 3, 4, 5, 6]
+    # left to right: after step s exactly the first s+1 positions are committed
+    assert (out.history[2, 0, :3] != MASK_ID).all() and (out.history[2, 0, 3:] == MASK_ID).all()
+
+
+def test_nfe_equals_steps_without_threshold_and_drops_with_a_confident_model():
+    model = diffusion_model("llama")
+    kwargs = dict(max_new_tokens=16, steps=16, return_dict_in_generate=True, **NO_EOS)
+    assert generate(model, prompts(1, 4), **kwargs).nfe == 16
+    # Make the model confident: a huge bias on one token makes every position's probability ~1.
+    head = model.get_output_embeddings()
+    if head.bias is None:
+        head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
+    with torch.no_grad():
+        head.bias[40] = 100.0
+    fast = generate(model, prompts(1, 4), threshold=0.9, **kwargs)
+    assert fast.nfe == 16 // BLOCK  # one step per block
+    assert (fast.sequences[0, 4:] == 40).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Infill
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "annealed"])
+def test_infill_keeps_the_fixed_text(attention):
+    model = diffusion_model("llama", attention=attention)
+    prefix, suffix = prompts(2, 4), prompts(2, 3, seed=5)
+    input_ids = torch.cat([prefix, torch.full((2, 5), MASK_ID), suffix], dim=1)
+    out = model.infill(input_ids, steps=5, return_dict_in_generate=True)
+    assert torch.equal(out.sequences[:, :4], prefix)
+    assert torch.equal(out.sequences[:, 9:], suffix)
+    assert not (out.sequences == MASK_ID).any()
+    assert out.nfe == 5
+    # the suffix matters: a different suffix changes the fill of a bidirectional model
+    other = torch.cat([prefix, torch.full((2, 5), MASK_ID), prompts(2, 3, seed=6)], dim=1)
+    assert not torch.equal(infill(model, other, steps=5)[:, 4:9], out.sequences[:, 4:9])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Streaming
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{index}": index for index in range(MASK_ID)}
+    vocab["<mask>"] = MASK_ID
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, mask_token="<mask>")
+
+
+class Recorder(TextStreamer):
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, skip_prompt=True)
+        self.texts, self.drafts, self.ended = [], [], False
+
+    def on_finalized_text(self, text, stream_end=False):
+        self.texts.append(text)
+        self.ended |= stream_end
+
+    def put_draft(self, value):
+        self.drafts.append(value.clone())
+
+
+def test_streamer_gets_committed_text_in_order(word_tokenizer):
+    model = diffusion_model("llama")
+    streamer = Recorder(word_tokenizer)
+    out = generate(
+        model, prompts(1, 5), max_new_tokens=12, steps=6, streamer=streamer, return_dict_in_generate=True, **NO_EOS
+    )
+    assert streamer.ended
+    assert "".join(streamer.texts) == word_tokenizer.decode(out.sequences[0, 5:])
+    assert len(streamer.drafts) == out.nfe
+    assert (streamer.drafts[0] == MASK_ID).any() and not (streamer.drafts[-1] == MASK_ID).any()
+
+
+def test_text_iterator_streamer(word_tokenizer):
+    model = diffusion_model("llama")
+    streamer = TextIteratorStreamer(word_tokenizer, skip_prompt=True)
+    out = generate(model, prompts(1, 5), max_new_tokens=8, steps=8, streamer=streamer, **NO_EOS)
+    assert "".join(streamer) == word_tokenizer.decode(out[0, 5:])
+
+
+def test_stories260k_end_to_end(stories_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_path)
+    base = AutoModelForCausalLM.from_pretrained(stories_path)
+    model = get_diffusion_model(base, DiffusionConfig(attention="block", block_size=8), tokenizer=tokenizer).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(["Once upon a time", "Lily"], return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=16, steps=8, threshold=0.9)
+    cached = model.generate(**batch, use_cache=True, **kwargs)
+    assert torch.equal(cached, model.generate(**batch, use_cache=False, **kwargs))
+    assert tokenizer.batch_decode(cached, skip_special_tokens=True)[0].startswith("Once upon a time")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(max_new_tokens=8, steps=1), r"`steps` must be at least the number of blocks .* = 2"),
+        (dict(max_new_tokens=8, block_length=6), r"`block_length` must be a multiple of the model's block_size"),
+        (dict(max_new_tokens=200), r"exceeds the model's max_position_embeddings=128"),
+        (dict(max_new_tokens=8, threshold=1.5), r"`threshold` must be in \(0, 1\]"),
+        (dict(max_new_tokens=8, threshold=0.0), r"`threshold` must be in \(0, 1\]"),
+        (dict(max_new_tokens=8, sampler="nope"), r"`sampler` must be one of"),
+        (dict(max_new_tokens=8, gen_length=8), r"Unknown arguments to `generate`: \['gen_length'\]"),
+        (dict(), r"`max_new_tokens` is required"),
+        (dict(max_new_tokens=8, steps=0), r"`steps` must be a positive integer"),
+    ],
+)
+def test_bad_generate_arguments(kwargs, match):
+    model = diffusion_model("llama")
+    with pytest.raises(ValueError, match=match):
+        generate(model, prompts(1, 4), **kwargs)
+
+
+def test_bad_inputs():
+    model = diffusion_model("llama")
+    with pytest.raises(ValueError, match="needs left padding"):
+        generate(model, prompts(1, 4), torch.tensor([[1, 1, 1, 0]]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="`streamer` supports batch size 1"):
+        generate(model, prompts(2, 4), max_new_tokens=4, streamer=object())
+    with pytest.raises(ValueError, match="`infill` needs bidirectional attention, got attention='block'"):
+        infill(model, torch.tensor([[5, MASK_ID, 6]]))
+    bidirectional = diffusion_model("llama", attention="bidirectional")
+    with pytest.raises(ValueError, match="holds no mask token"):
+        infill(bidirectional, torch.tensor([[5, 6]]))
+    with pytest.raises(ValueError, match=r"`threshold` must be in \(0, 1\]"):
+        DiffusionGenerationConfig(threshold=2.0)
+
+
+def test_generation_config_round_trip(tmp_path):
+    config = DiffusionGenerationConfig(max_new_tokens=32, steps=16, block_length=8, sampler="margin", threshold=0.8)
+    config.save_pretrained(tmp_path)
+    loaded = DiffusionGenerationConfig.from_pretrained(tmp_path)
+    assert (loaded.steps, loaded.block_length, loaded.sampler, loaded.threshold) == (16, 8, "margin", 0.8)
+    # a model carrying it in `generation_config` decodes with it (8 steps over 32 tokens would fail otherwise)
+    model = diffusion_model("llama")
+    model.generation_config = loaded
+    out = model.generate(prompts(1, 4), return_dict_in_generate=True, **NO_EOS)
+    assert out.sequences.shape == (1, 36) and out.nfe <= 16
