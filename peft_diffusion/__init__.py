@@ -7,6 +7,7 @@ happens at import).
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import DiffusionConfig
+from .generation import DiffusionGenerateOutput, DiffusionGenerationConfig
 from .model import DiffusionLM, DiffusionLMOutput, get_diffusion_model
 
 __version__ = "0.1.0.dev0"
@@ -16,6 +17,8 @@ AutoModelForCausalLM.register(DiffusionConfig, DiffusionLM, exist_ok=True)
 
 __all__ = [
     "DiffusionConfig",
+    "DiffusionGenerateOutput",
+    "DiffusionGenerationConfig",
     "DiffusionLM",
     "DiffusionLMOutput",
     "get_diffusion_model",
