@@ -226,4 +226,137 @@ def test_nll_per_token_bad_input_raises():
         nll_per_token(model, [[]], prefix_token_id=1)
 
 
-_ = json  # used by the lm-eval tests below
+# --------------------------------------------------------------------------------------------------------------
+# lm-evaluation-harness
+# --------------------------------------------------------------------------------------------------------------
+
+TASK_YAML = """
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: {output_type}
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{target}"
+{extra}
+"""
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(120)}, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0", bos_token="w1", eos_token="w2")
+
+
+@pytest.fixture
+def lm_eval_setup(tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    model = diffusion("bidirectional")
+    model.save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    docs = [
+        {"context": "w5 w6 w7", "target": "w8", "choices": ["w8", "w9"], "label": 0},
+        {"context": "w10 w11", "target": "w12 w13", "choices": ["w12", "w40 w41"], "label": 1},
+        {"context": "w20", "target": "w21", "choices": ["w21", "w22"], "label": 0},
+    ]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    tasks = {
+        "tiny_loglikelihood": ("loglikelihood", " {{target}}", "metric_list:\n  - metric: acc"),
+        "tiny_choice": ("multiple_choice", "{{label}}", "doc_to_choice: choices\nmetric_list:\n  - metric: acc"),
+        "tiny_rolling": (
+            "loglikelihood_rolling",
+            "{{context}} {{target}}",
+            "metric_list:\n  - metric: word_perplexity",
+        ),
+        "tiny_generate": (
+            "generate_until",
+            "{{target}}",
+            "generation_kwargs:\n  until: [w2]\n  max_gen_toks: 4\nmetric_list:\n  - metric: exact_match",
+        ),
+    }
+    for name, (output_type, target, extra) in tasks.items():
+        (tmp_path / f"{name}.yaml").write_text(
+            TASK_YAML.format(name=name, data=data, output_type=output_type, target=target, extra=extra)
+        )
+    return lm_eval, TaskManager(include_path=str(tmp_path), include_defaults=False), tmp_path / "model"
+
+
+def test_lm_eval_runs_offline_on_local_tasks_and_is_deterministic(lm_eval_setup):
+    lm_eval, task_manager, path = lm_eval_setup
+    from peft_diffusion.evaluation import DiffusionLMEval
+
+    def run():
+        lm = DiffusionLMEval(pretrained=str(path), mc_samples=4, batch_size=8, max_new_tokens=4)
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=["tiny_loglikelihood", "tiny_choice", "tiny_rolling", "tiny_generate"],
+            task_manager=task_manager,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            log_samples=False,
+        )["results"]
+
+    first, second = run(), run()
+    assert first == second
+    assert set(first) == {"tiny_loglikelihood", "tiny_choice", "tiny_rolling", "tiny_generate"}
+    assert 0.0 <= first["tiny_choice"]["acc,none"] <= 1.0
+    assert first["tiny_rolling"]["word_perplexity,none"] > 1.0
+    assert 0.0 <= first["tiny_generate"]["exact_match,none"] <= 1.0
+
+
+def test_lm_eval_loglikelihood_matches_the_estimator(lm_eval_setup):
+    _, _, path = lm_eval_setup
+    from lm_eval.api.instance import Instance
+
+    from peft_diffusion.evaluation import DiffusionLMEval
+
+    lm = DiffusionLMEval(pretrained=str(path), mc_samples=4, seed=7)
+    request = Instance("loglikelihood", {}, ("w5 w6 w7", " w8 w9"), 0)
+    [(logprob, is_greedy)] = lm.loglikelihood([request])
+    expected = loglikelihood(lm.model, [5, 6, 7], [8, 9], mc_samples=4, generator=generator(7))
+    assert logprob == pytest.approx(expected.logprob) and is_greedy == expected.is_greedy
+    # an empty context is conditioned on the BOS token
+    [(empty, _)] = lm.loglikelihood([Instance("loglikelihood", {}, ("", "w8"), 0)])
+    assert empty == pytest.approx(loglikelihood(lm.model, [1], [8], mc_samples=4, generator=generator(7)).logprob)
+    # generate_until stops at the stop sequence
+    [text] = lm.generate_until([Instance("generate_until", {}, ("w5 w6", {"until": ["w2"], "max_gen_toks": 3}), 0)])
+    assert "w2" not in text.split()
+
+
+def test_lm_eval_bad_model_args_raise(lm_eval_setup):
+    _, _, path = lm_eval_setup
+    from peft_diffusion.evaluation import DiffusionLMEval
+
+    with pytest.raises(ValueError, match="Unknown model_args"):
+        DiffusionLMEval(pretrained=str(path), mc_sample=4)
+    with pytest.raises(ValueError, match="`mc_samples` must be >= 1"):
+        DiffusionLMEval(pretrained=str(path), mc_samples=0)
+    with pytest.raises(ValueError, match="exactly one of"):
+        DiffusionLMEval()
+
+
+def test_lm_eval_missing_gives_an_install_hint(monkeypatch):
+    import builtins
+
+    from peft_diffusion import evaluation
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name.startswith("lm_eval"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_LM_EVAL_CLASS", None)
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    with pytest.raises(ImportError, match=r"pip install \"peft-diffusion\[eval\]\""):
+        _ = evaluation.DiffusionLMEval
