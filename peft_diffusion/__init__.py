@@ -7,6 +7,7 @@ happens at import).
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import DiffusionConfig
+from .evaluation import LikelihoodEstimate, PerplexityBound, loglikelihood, loglikelihood_batch, nll_per_token
 from .generation import DiffusionGenerateOutput, DiffusionGenerationConfig
 from .model import DiffusionLM, DiffusionLMOutput, get_diffusion_model
 
@@ -22,5 +23,10 @@ __all__ = [
     "DiffusionLM",
     "DiffusionLMOutput",
     "get_diffusion_model",
+    "LikelihoodEstimate",
+    "PerplexityBound",
+    "loglikelihood",
+    "loglikelihood_batch",
+    "nll_per_token",
     "__version__",
 ]
