@@ -46,6 +46,16 @@ def load(path: Path, limit: int) -> list[dict] | None:
         return [json.loads(line) for _, line in zip(range(limit), handle)]
 
 
+def window(model) -> int:
+    """The model's context window (the base config's under a DiffusionLM)."""
+    config = getattr(model.config, "base_config", None) or model.config
+    return config.max_position_embeddings
+
+
+def left_truncate(input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    return input_ids[:, -keep:] if input_ids.shape[1] > keep else input_ids
+
+
 class Timer:
     """Accumulates forward passes, generated tokens and seconds."""
 
@@ -59,7 +69,8 @@ class Timer:
 
 @torch.no_grad()
 def ar_generate(model, tokenizer, prompt: str, max_new_tokens: int, timer: Timer, device) -> str:
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    input_ids = left_truncate(tokenizer(prompt, return_tensors="pt").input_ids, window(model) - max_new_tokens)
+    input_ids = input_ids.to(device)
     start = time.perf_counter()
     out = model.generate(
         input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
@@ -73,7 +84,8 @@ def ar_generate(model, tokenizer, prompt: str, max_new_tokens: int, timer: Timer
 
 @torch.no_grad()
 def diffusion_generate(model, tokenizer, prompt: str, max_new_tokens: int, timer: Timer, device) -> str:
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    input_ids = left_truncate(tokenizer(prompt, return_tensors="pt").input_ids, window(model) - max_new_tokens)
+    input_ids = input_ids.to(device)
     start = time.perf_counter()
     out = model.generate(input_ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
     timer.seconds += time.perf_counter() - start
@@ -86,6 +98,9 @@ def diffusion_generate(model, tokenizer, prompt: str, max_new_tokens: int, timer
 def diffusion_infill(model, tokenizer, prefix: str, suffix: str, length: int, timer: Timer, device) -> str:
     prefix_ids = tokenizer(prefix, return_tensors="pt").input_ids
     suffix_ids = tokenizer(suffix, add_special_tokens=False, return_tensors="pt").input_ids
+    # the context window holds the gap, a quarter of it for the suffix (cut on the right), the rest for the prefix
+    suffix_ids = suffix_ids[:, : (window(model) - length) // 4]
+    prefix_ids = left_truncate(prefix_ids, window(model) - length - suffix_ids.shape[1])
     gap = torch.full((1, length), model.config.mask_token_id)
     input_ids = torch.cat([prefix_ids, gap, suffix_ids], dim=1).to(device)
     start = time.perf_counter()
@@ -98,8 +113,10 @@ def diffusion_infill(model, tokenizer, prefix: str, suffix: str, length: int, ti
 
 
 def ar_greedy_hit(model, tokenizer, context: str, target: str, device) -> bool:
-    whole = tokenizer(context + target, return_tensors="pt").input_ids.to(device)
+    whole = tokenizer(context + target, return_tensors="pt").input_ids
     num_context = tokenizer(context, return_tensors="pt").input_ids.shape[1]
+    num_context -= max(0, whole.shape[1] - window(model))
+    whole = left_truncate(whole, window(model)).to(device)
     with torch.no_grad():
         predicted = model(whole).logits[0, num_context - 1 : -1].argmax(-1)
     return bool((predicted == whole[0, num_context:]).all())

@@ -289,6 +289,7 @@ def lm_eval_setup(tmp_path):
     return lm_eval, TaskManager(include_path=str(tmp_path), include_defaults=False), tmp_path / "model"
 
 
+@pytest.mark.slow  # two full simple_evaluate runs: about 3 s on an idle 2-core machine
 def test_lm_eval_runs_offline_on_local_tasks_and_is_deterministic(lm_eval_setup):
     lm_eval, task_manager, path = lm_eval_setup
     from peft_diffusion.evaluation import DiffusionLMEval
