@@ -153,10 +153,11 @@ class DiffusionLM(PreTrainedModel):
     def get_output_embeddings(self):
         return self.causal_lm.get_output_embeddings()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        """Enable gradient checkpointing on the causal LM (non-reentrant by default)."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        self.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """Enable gradient checkpointing on the causal LM (non-reentrant by default); `kwargs` (`every_n_layers`,
+        `offload`, passed by the Trainer's `activation_checkpointing_enable`) go to the causal LM."""
+        checkpoint_kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        self.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
         if self.is_peft:
             # Frozen embeddings give checkpointed blocks inputs without grad; PEFT's usual fix.
             self.causal_lm.enable_input_require_grads()

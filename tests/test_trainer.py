@@ -1,0 +1,444 @@
+"""DiffusionTrainer / DiffusionTrainingConfig: dataset formats, clean prompts, packing isolation, resume, push, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import MASK_ID, tiny_causal_lm
+from datasets import Dataset
+from peft import LoraConfig
+from test_model import word_tokenizer
+from transformers import TrainerCallback
+
+from peft_diffusion import DiffusionConfig, DiffusionLM, get_diffusion_model
+from peft_diffusion.trainer import DiffusionTrainer
+from peft_diffusion.training_config import DiffusionTrainingConfig
+
+SCRIPTS = Path(__file__).parent / "scripts"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }} w2"
+    "{% endgeneration %}{% else %}{{ message['content'] }} {% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: intra-op threads only contend (100x slower under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def words(rng, low=4, high=14):
+    return " ".join(f"w{rng.randrange(4, 100)}" for _ in range(rng.randrange(low, high)))
+
+
+def dataset(kind: str, n: int = 16, seed: int = 0) -> Dataset:
+    rng = random.Random(seed)
+    if kind == "text":
+        return Dataset.from_dict({"text": [words(rng) for _ in range(n)]})
+    if kind == "prompt_completion":
+        # TRL tokenizes prompt + completion as one string: the completion brings its separating space
+        prompts = [words(rng) for _ in range(n)]
+        return Dataset.from_dict({"prompt": prompts, "completion": [" " + words(rng) for _ in range(n)]})
+    if kind == "messages":
+        return Dataset.from_dict(
+            {
+                "messages": [
+                    [{"role": "user", "content": words(rng)}, {"role": "assistant", "content": words(rng)}]
+                    for _ in range(n)
+                ]
+            }
+        )
+    raise ValueError(kind)
+
+
+def training_args(tmp_path, **overrides) -> DiffusionTrainingConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        max_length=32,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return DiffusionTrainingConfig(**kwargs)
+
+
+def lora():
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+
+
+def make_trainer(
+    tmp_path,
+    kind="text",
+    *,
+    attention="block",
+    peft=True,
+    base=None,
+    train_dataset=None,
+    quantization_config=None,
+    **overrides,
+):
+    tokenizer = word_tokenizer()
+    if kind == "messages":
+        tokenizer.chat_template = CHAT_TEMPLATE
+        overrides.setdefault("assistant_only_loss", True)
+    return DiffusionTrainer(
+        base if base is not None else tiny_causal_lm("llama"),
+        args=training_args(tmp_path, **overrides),
+        train_dataset=train_dataset or dataset(kind),
+        processing_class=tokenizer,
+        diffusion_config=DiffusionConfig(attention=attention, block_size=4),
+        peft_config=lora() if peft else None,
+        quantization_config=quantization_config,
+    )
+
+
+def spy(model: DiffusionLM) -> list[dict]:
+    """Record every forward of `model`: the trainer's call (with labels) and the model's own call on x_t."""
+    calls = []
+    forward = model.forward
+
+    def recording(*args, **kwargs):
+        calls.append({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+        return forward(*args, **kwargs)
+
+    model.forward = recording
+    return calls
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"anneal_steps": -1}, r"`anneal_steps` must be an integer >= 0.*anneal_steps=-1"),
+        ({"time_eps": 0.0}, r"`time_eps` must be in \(0, 1\), got time_eps=0.0"),
+        ({"time_eps": 1.0}, r"`time_eps` must be in \(0, 1\)"),
+        ({"loss_normalization": "tokens"}, r"`loss_normalization` must be one of \['targets', 'masked'\]"),
+        ({"eos_policy": "some"}, r"`eos_policy` must be one of"),
+        ({"eos_policy": "all", "packing": True}, r"`eos_policy='all'`.*no padding"),
+    ],
+)
+def test_config_validation(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        training_args(tmp_path, **kwargs)
+
+
+def test_config_defaults_run_on_cpu(tmp_path):
+    args = DiffusionTrainingConfig(output_dir=str(tmp_path), report_to="none")
+    if not torch.cuda.is_available():
+        assert args.bf16 is False and args.gradient_checkpointing is False
+    assert (args.anneal_steps, args.time_eps, args.loss_normalization, args.eos_policy) == (0, 1e-3, "targets", "none")
+    assert DiffusionTrainingConfig(output_dir=str(tmp_path), gradient_checkpointing=True).gradient_checkpointing
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dataset formats, clean prompts, trainable parameters
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["text", "prompt_completion", "messages"])
+def test_each_format_trains_and_only_noises_targets(tmp_path, kind):
+    trainer = make_trainer(tmp_path, kind, packing=kind == "text")
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = spy(model)
+    trainer.train()
+
+    outer = [c for c in calls if c.get("labels") is not None]
+    inner = [c for c in calls if c.get("labels") is None]
+    assert len(outer) == len(inner) == 2
+    for call, noisy in zip(outer, inner):
+        clean, labels = call["input_ids"], call["labels"]
+        is_masked = noisy["input_ids"] == model.config.mask_token_id
+        # prompt, non-assistant and padding tokens are never noised; some targets are
+        assert not is_masked[labels == -100].any()
+        assert is_masked.any()
+        torch.testing.assert_close(noisy["input_ids"][~is_masked], clean[~is_masked])
+        if kind != "text":
+            assert (labels == -100).any()  # prompts exist and stay clean
+    # trainable parameters change: only the adapter and the mask-token row under LoRA
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in n or "trainable_tokens" in n for n in changed)
+    assert any("trainable_tokens" in n for n in changed)
+    logs = trainer.state.log_history[0]
+    assert {"loss", "masked_ce", "mean_t", "masked_fraction"} <= set(logs)
+
+
+def test_prompt_completion_labels_leave_prompts_clean(tmp_path):
+    trainer = make_trainer(tmp_path, "prompt_completion")
+    example = trainer.train_dataset[0]
+    tokenizer = trainer.processing_class
+    prompt_ids = tokenizer(dataset("prompt_completion")[0]["prompt"])["input_ids"]
+    # TRL's labels: -100 over the prompt, then the completion
+    assert example["labels"][: len(prompt_ids)] == [-100] * len(prompt_ids)
+    completion = example["labels"][len(prompt_ids) :]
+    assert completion and all(label != -100 for label in completion)
+    assert tokenizer.unk_token_id not in example["input_ids"]
+
+
+def test_full_finetuning_with_gradient_checkpointing(tmp_path):
+    trainer = make_trainer(tmp_path, "text", peft=False, gradient_checkpointing=True, packing=True)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.model.causal_lm.is_activation_checkpointing
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(changed) == len(before)
+
+
+def test_qlora_trains_on_a_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    base = tiny_causal_lm("llama", hidden_size=64, intermediate_size=128)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer = word_tokenizer()
+    trainer = DiffusionTrainer(
+        str(tmp_path / "base"),
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=dataset("text"),
+        processing_class=tokenizer,
+        diffusion_config=DiffusionConfig(attention="block", block_size=4),
+        peft_config=lora(),
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+    )
+    assert trainer.model.causal_lm.is_loaded_in_4bit
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer.train()
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in trainer.model.named_parameters() if n in before)
+
+
+def test_annealing_ratio_follows_the_global_step(tmp_path):
+    trainer = make_trainer(tmp_path, "text", attention="annealed", anneal_steps=4, max_steps=3, packing=True)
+    ratios = []
+    forward = trainer.model.forward
+
+    def recording(*args, **kwargs):
+        if kwargs.get("labels") is not None:
+            ratios.append(trainer.model.annealing_ratio)
+        return forward(*args, **kwargs)
+
+    trainer.model.forward = recording
+    trainer.train()
+    assert ratios == [0.0, 0.25, 0.5]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block"])
+def test_packed_documents_do_not_attend_to_each_other(tmp_path, attention):
+    trainer = make_trainer(tmp_path, "text", attention=attention, packing=True, max_steps=1, max_length=48)
+    calls = spy(trainer.model)
+    trainer.train()
+    batch = calls[0]
+    position_ids = batch["position_ids"]  # [1, L] restarting at every document
+    assert batch["input_ids"].shape[0] == 1 and (position_ids[0, 1:] == 0).any()
+    start = int((position_ids[0, 1:] == 0).nonzero()[0]) + 1  # first token of the second document
+    model = trainer.model.eval()
+    ids = batch["input_ids"].clone()
+    with torch.no_grad():
+        reference = model(input_ids=ids, position_ids=position_ids).logits
+        ids[0, start:] = (ids[0, start:] + 5) % 100 + 4  # change every later document
+        changed = model(input_ids=ids, position_ids=position_ids).logits
+    torch.testing.assert_close(changed[0, :start], reference[0, :start])
+    assert not torch.allclose(changed[0, start:], reference[0, start:])
+
+
+def test_block_attention_needs_no_max_length_multiple(tmp_path):
+    # Blocks are aligned at position 0 of each document; a final partial block is fine.
+    trainer = make_trainer(tmp_path, "prompt_completion", attention="block", max_length=30, max_steps=1)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation, save / resume / push
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluation_reports_the_elbo_bound(tmp_path):
+    trainer = make_trainer(tmp_path, "text", max_steps=1)
+    metrics = trainer.evaluate(dataset("text", n=8, seed=1))
+    assert {"eval_loss", "eval_nll_bound", "eval_ppl_bound", "eval_masked_ce"} <= set(metrics)
+    assert metrics["eval_ppl_bound"] == pytest.approx(torch.tensor(metrics["eval_nll_bound"]).exp().item())
+    # a fixed noise seed: evaluation is reproducible
+    assert trainer.evaluate(dataset("text", n=8, seed=1))["eval_loss"] == metrics["eval_loss"]
+
+
+def lora_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after `step` optimizer steps (as a crash would, right after a checkpoint)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    # annealed attention: the resumed run must also pick the annealing ratio up at the restored global step
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, packing=True, anneal_steps=3)
+    uninterrupted = make_trainer(tmp_path / "a", "text", attention="annealed", **common)
+    uninterrupted.train()
+
+    interrupted = make_trainer(tmp_path / "b", "text", attention="annealed", **common)
+    interrupted.add_callback(StopAt(2))
+    interrupted.train()
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "diffusion_config.json").is_file()
+    assert not (checkpoint / "model.safetensors").exists()
+
+    resumed = make_trainer(tmp_path / "b", "text", attention="annealed", **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    expected, got = lora_weights(uninterrupted.model), lora_weights(resumed.model)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+    losses = [entry["loss"] for entry in uninterrupted.state.log_history if "loss" in entry]
+    assert [entry["loss"] for entry in resumed.state.log_history if "loss" in entry] == pytest.approx(losses, 1e-5)
+
+
+def test_push_to_hub_uploads_what_from_pretrained_loads(tmp_path, monkeypatch):
+    import transformers.trainer as hf_trainer
+
+    base = tiny_causal_lm("llama")
+    base.save_pretrained(tmp_path / "base")
+    uploaded = tmp_path / "hub"
+
+    def upload_folder(folder_path, ignore_patterns=(), **kwargs):
+        shutil.copytree(folder_path, uploaded, ignore=shutil.ignore_patterns(*ignore_patterns))
+        return "commit"
+
+    api = SimpleNamespace(
+        create_repo=lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id), upload_folder=upload_folder
+    )
+    monkeypatch.setattr(hf_trainer, "hf_api", lambda: api)
+    trainer = make_trainer(tmp_path, "text", base=str(tmp_path / "base"), hub_model_id="me/tiny-diffusion")
+    trainer.train()
+    assert trainer.push_to_hub() == "commit"
+    assert json.loads((uploaded / "diffusion_config.json").read_text())["base_model_name_or_path"] == str(
+        tmp_path / "base"
+    )
+    loaded = DiffusionLM.from_pretrained(uploaded, attn_implementation="eager").eval()
+    model = trainer.model.eval()
+    ids = torch.randint(4, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_dataset_without_a_usable_column(tmp_path):
+    with pytest.raises(ValueError, match=r"`train_dataset` has no usable column: got columns \['body'\]"):
+        make_trainer(tmp_path, train_dataset=Dataset.from_dict({"body": ["w4 w5"]}))
+
+
+@pytest.mark.parametrize("strategy", ["wrapped", "bfd_split"])
+def test_completion_only_with_a_packing_that_splits_examples(tmp_path, strategy):
+    with pytest.raises(ValueError, match=rf"packing_strategy='{strategy}' cuts examples apart.*'bfd'"):
+        make_trainer(tmp_path, "prompt_completion", packing=True, packing_strategy=strategy)
+
+
+def test_completion_only_with_bfd_packing_keeps_prompts_clean(tmp_path):
+    trainer = make_trainer(tmp_path, "prompt_completion", packing=True, max_steps=1, max_length=64)
+    calls = spy(trainer.model)
+    trainer.train()
+    outer, inner = calls
+    assert (outer["labels"] == -100).sum() > (outer["position_ids"] == 0).sum()  # prompts, not just doc starts
+    assert not (inner["input_ids"] == trainer.model.config.mask_token_id)[outer["labels"] == -100].any()
+
+
+def test_qlora_without_bitsandbytes_says_how_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name)
+    )
+    with pytest.raises(ImportError, match=r"peft-diffusion\[qlora\]"):
+        make_trainer(tmp_path, base=str(tmp_path), quantization_config=object())
+
+
+def test_bad_trainer_arguments(tmp_path):
+    base = tiny_causal_lm("llama")
+    tokenizer = word_tokenizer()
+    with pytest.raises(ValueError, match="pass `diffusion_config=DiffusionConfig"):
+        DiffusionTrainer(base, args=training_args(tmp_path), train_dataset=dataset("text"), processing_class=tokenizer)
+    model = get_diffusion_model(base, DiffusionConfig(mask_token_id=MASK_ID))
+    with pytest.raises(ValueError, match="already a DiffusionLM"):
+        DiffusionTrainer(
+            model,
+            args=training_args(tmp_path),
+            train_dataset=dataset("text"),
+            processing_class=tokenizer,
+            peft_config=lora(),
+        )
+    from trl import SFTConfig
+
+    with pytest.raises(TypeError, match="must be a `DiffusionTrainingConfig`"):
+        DiffusionTrainer(
+            model, args=SFTConfig(str(tmp_path), bf16=False), train_dataset=dataset("text"), processing_class=tokenizer
+        )
+    with pytest.raises(ValueError, match="`processing_class` is required"):
+        DiffusionTrainer(model, args=training_args(tmp_path), train_dataset=dataset("text"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# accelerate
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_with_accelerate(tmp_path):
+    pytest.importorskip("accelerate")
+    # `--cpu` makes accelerate 1.15 run a single process; torchrun (`--multi_gpu`) with ACCELERATE_USE_CPU gives
+    # two CPU processes on gloo.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["ACCELERATE_USE_CPU"] = "true"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+        str(SCRIPTS / "ddp_train.py"), str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert all(r["global_step"] == 2 and r["changed"] for r in reports)
+    # both ranks hold the same synchronised weights, and the result was saved once (by rank 0)
+    assert reports[0]["checksum"] == pytest.approx(reports[1]["checksum"])
+    assert sorted(os.listdir(tmp_path / "out" / "final")).count("adapter_model.safetensors") == 1
+    assert (tmp_path / "saves.log").read_text().splitlines() == ["0"]
