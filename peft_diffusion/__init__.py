@@ -10,6 +10,8 @@ from .config import DiffusionConfig
 from .evaluation import LikelihoodEstimate, PerplexityBound, loglikelihood, loglikelihood_batch, nll_per_token
 from .generation import DiffusionGenerateOutput, DiffusionGenerationConfig
 from .model import DiffusionLM, DiffusionLMOutput, get_diffusion_model
+from .trainer import DiffusionTrainer
+from .training_config import DiffusionTrainingConfig
 
 __version__ = "0.1.0.dev0"
 
@@ -22,6 +24,8 @@ __all__ = [
     "DiffusionGenerationConfig",
     "DiffusionLM",
     "DiffusionLMOutput",
+    "DiffusionTrainer",
+    "DiffusionTrainingConfig",
     "get_diffusion_model",
     "LikelihoodEstimate",
     "PerplexityBound",
