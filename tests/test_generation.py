@@ -132,8 +132,7 @@ def test_return_dict_history_and_config_object():
 
 def test_eos_stops_a_row_and_pads_after_it():
     model = diffusion_model("llama")
-    # Force EOS at row 1's third new token: the lm_head scores EOS highly only there is impossible to target, so use
-    # a model whose EOS is a token that row 0 never produces and row 1 does.
+    # Force an early EOS in row 1: declare as EOS the token that greedy decoding puts at row 1's third new position.
     reference = generate(model, prompts(2, 5, seed=3), max_new_tokens=12, steps=12, **NO_EOS)
     eos = int(reference[1, 5 + 2])
     out = generate(model, prompts(2, 5, seed=3), max_new_tokens=12, steps=12, eos_token_id=eos, pad_token_id=0)
@@ -185,7 +184,7 @@ def test_every_sampler_end_to_end(sampler):
     assert torch.equal(first, again)
     assert not (first == MASK_ID).any()
     assert torch.equal(first[:, :5], input_ids)
-    # rows are independent: row 1 alone with the same seed draws differently, but decodes fully
+    # greedy with the same sampler decodes a single row fully as well
     assert not (generate(model, input_ids[1:], max_new_tokens=8, steps=4, sampler=sampler, **NO_EOS) == MASK_ID).any()
 
 
