@@ -191,6 +191,7 @@ class DiffusionTrainer(SFTTrainer):
             model = get_diffusion_model(
                 model, diffusion_config, tokenizer=processing_class, peft_config=peft_config, **model_kwargs
             )
+            args.model_init_kwargs = None  # consumed here; SFTTrainer would warn that they are ignored
 
         super().__init__(
             model=model,
