@@ -9,22 +9,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-ARCHITECTURES = (
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "gpt2",
-    "gpt_neox",
-    "olmo2",
-    "stablelm",
-    "granite",
-    "starcoder2",
-)
+from peft_diffusion.architectures import VERIFIED_ARCHITECTURES
+
+# The verified table is the test matrix: an architecture added there is tested on every pattern and backend.
+ARCHITECTURES = VERIFIED_ARCHITECTURES
 BACKENDS = ("eager", "sdpa")
 VOCAB_SIZE = 128
 MASK_ID = 127
