@@ -46,17 +46,21 @@ def shifted(dependencies, shift):
     return dependencies[source]
 
 
-def influence(model, input_ids, **forward_kwargs):
-    """[i, j] -> does changing token j change logits[:, i]? One batched forward: row j+1 perturbs token j."""
-    length = input_ids.shape[1]
-    batch = input_ids.repeat(length + 1, 1)  # [L+1, L]
+def influence(model, tokens, perturbed="input_ids", **forward_kwargs):
+    """[i, j] -> does changing token j of `tokens` change logits[:, i]? One batched forward: row j+1 perturbs token j.
+
+    `tokens` is passed as the forward argument `perturbed` (`input_ids`, or `clean_input_ids` for the clean stream);
+    tensor arguments in `forward_kwargs` are repeated for every row, others (a generator) passed as they are.
+    """
+    length = tokens.shape[1]
+    batch = tokens.repeat(length + 1, 1)  # [L+1, L]
     for j in range(length):
         batch[j + 1, j] = 3 + (batch[j + 1, j] + 2) % 120
     repeated = {
         key: value.repeat(length + 1, 1) if torch.is_tensor(value) else value for key, value in forward_kwargs.items()
     }
     with torch.no_grad():
-        logits = model(input_ids=batch, **repeated).logits.float()  # [L+1, L, V]
+        logits = model(**{perturbed: batch}, **repeated).logits.float()  # [L+1, L, V]
     changed = (logits[1:] - logits[:1]).abs().amax(-1) > 1e-5  # [j, i]
     return changed.T  # [i, j]
 
@@ -79,23 +83,13 @@ def test_one_token_perturbation(arch, pattern, backend):
         model.train()
         model.annealing_ratio = 0.5
         is_open = annealed_open_entries(LENGTH, 0.5, generator=torch.Generator().manual_seed(3))
-        seen = _influence_annealed(model, input_ids, seed=3)
+        seen = influence(model, input_ids, generator=torch.Generator().manual_seed(3))
         expected = shifted(reach("annealed", LENGTH, 2, is_open=is_open), True)
     else:
         model.eval()
         seen = influence(model, input_ids)
         expected = shifted(reach(pattern, LENGTH, 2), True)
     assert torch.equal(seen, expected), f"{arch}-{pattern}-{backend}\nseen\n{seen.int()}\nexpected\n{expected.int()}"
-
-
-def _influence_annealed(model, input_ids, seed):
-    length = input_ids.shape[1]
-    batch = input_ids.repeat(length + 1, 1)
-    for j in range(length):
-        batch[j + 1, j] = 3 + (batch[j + 1, j] + 2) % 120
-    with torch.no_grad():
-        logits = model(input_ids=batch, generator=torch.Generator().manual_seed(seed)).logits.float()
-    return ((logits[1:] - logits[:1]).abs().amax(-1) > 1e-5).T
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,7 +101,7 @@ def test_clean_context_two_stream(arch, backend):
     model.eval()
     noisy, clean = tokens(seed=1), tokens(seed=2)
     seen_noisy = influence(model, noisy, clean_input_ids=clean)  # changes of x_t
-    seen_clean = _influence_of_clean(model, noisy, clean)  # changes of x_0
+    seen_clean = influence(model, clean, perturbed="clean_input_ids", input_ids=noisy)  # changes of x_0
 
     def block(i):
         return i // BLOCK
@@ -124,16 +118,6 @@ def test_clean_context_two_stream(arch, backend):
                 expected_clean[i, j] = block(j) < block(source)
     assert torch.equal(seen_noisy, expected_noisy), f"x_t influence\n{seen_noisy.int()}"
     assert torch.equal(seen_clean, expected_clean), f"x_0 influence\n{seen_clean.int()}"
-
-
-def _influence_of_clean(model, noisy, clean):
-    length = clean.shape[1]
-    batch = clean.repeat(length + 1, 1)
-    for j in range(length):
-        batch[j + 1, j] = 3 + (batch[j + 1, j] + 2) % 120
-    with torch.no_grad():
-        logits = model(input_ids=noisy.repeat(length + 1, 1), clean_input_ids=batch).logits.float()
-    return ((logits[1:] - logits[:1]).abs().amax(-1) > 1e-5).T
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
