@@ -29,11 +29,17 @@ Patterns, for a query token q and a key token k of the same document:
 - `annealed`:      p_k <= p_q  or  is_open[p_q, p_k]              (ratio 1 is bidirectional)
 
 Sliding-window layers keep their window, made symmetric on positions: |p_q - p_k| < window.
+
+Unmasked fast path: when every query of a forward may attend to every key (no padding, one document, and the pattern
+allows all pairs: bidirectional attention, or a block window over a cache holding everything before it), the layout
+is built with `unmasked=True` (`DiffusionLM.forward` proves it from host-side facts) and its non-sliding layers get no
+mask at all: sdpa runs its unmasked kernel (with `is_causal=False`, see `non_causal`), eager adds nothing, flex runs
+without a `BlockMask`. Sliding-window layers still get their (windowed) mask.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -60,6 +66,9 @@ class AttentionLayout:
         is_clean (`torch.BoolTensor` of shape `(batch_size, total_length)`, *optional*): two-stream layout flag.
         is_open (`torch.BoolTensor` of shape `(max_position, max_position)`, *optional*): opened entries of the
             annealed pattern.
+        unmasked (`bool`, defaults to `False`): the caller guarantees every query may attend to every key of the
+            forward; non-sliding layers then run without a mask (the attention modules must be non-causal for sdpa:
+            `non_causal`).
     """
 
     pattern: str
@@ -68,6 +77,7 @@ class AttentionLayout:
     block_size: int | None = None
     is_clean: torch.Tensor | None = None
     is_open: torch.Tensor | None = None
+    unmasked: bool = False
 
     def __post_init__(self):
         if self.pattern not in PATTERNS:
@@ -203,6 +213,8 @@ def _wrap_materialiser(original: Callable) -> Callable:
         # Sliding-window layers pass their window as `local_size` (chunked layers too; those are refused in
         # `architectures.py`). The window stays, made symmetric.
         sliding_window = local_size if local_size is not None and local_size > 0 else None
+        if layout.unmasked and sliding_window is None:
+            return None  # every pair allowed: no mask, the backend's unmasked kernel
         kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=False)
         return original(
             *args, mask_function=layout.mask_function(sliding_window), local_size=None, config=config, **kwargs
@@ -210,6 +222,23 @@ def _wrap_materialiser(original: Callable) -> Callable:
 
     materialise.__wrapped__ = original
     return materialise
+
+
+@contextmanager
+def non_causal(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Set `is_causal = False` on attention modules for the duration (restored after).
+
+    sdpa reads `module.is_causal` when a layer gets no mask: without this, an unmasked layer would run causally.
+    Not for gradient-checkpointed training: the recomputation in backward runs outside this context.
+    """
+    saved = [(module, module.is_causal) for module in modules]
+    for module, _ in saved:
+        module.is_causal = False
+    try:
+        yield
+    finally:
+        for module, value in saved:
+            module.is_causal = value
 
 
 def install_mask_interface() -> None:

@@ -27,13 +27,16 @@ Conventions:
     - Exact KV cache (block attention, BD3-LM / Fast-dLLM v2 style). The cache holds only committed tokens of
       finished blocks. A step of block k forwards its window over the cache and crops the cache back. The forward
       that commits block k is fused with the first step of block k+1 (one pass instead of two; the prompt is
-      prefilled together with the first block). Under `shift`, the first token of a block is predicted from the
-      hidden state of the last committed token: that token is kept *out* of the cache and fed again at the head of
-      every window, so each window holds its own left neighbour. Cached decoding equals uncached decoding.
+      prefilled together with the first block). A step's window is exactly the block over a cache of everything
+      before it, so under block attention (window = one attention block, no padding) it runs with no mask at all
+      (`AttentionLayout.unmasked`: sdpa/flash/flex fast kernels). Under `shift`, the first position of a block is
+      predicted from the hidden state of the last committed token: those logits come out of the forward that
+      commits it (prefill or fused commit) and are reused at every step of the block. Cached decoding equals
+      uncached decoding.
     - Stop. A row is finished once it holds an EOS with every answer position before it committed; everything after
       that EOS becomes `pad_token_id`. The loop ends when every row is finished or every block is decoded.
-    - Host syncs. One per step (are masks left in the block?) and one per block (are all rows finished?); the
-      streamer adds one per step. No per-row Python loops.
+    - Host syncs. One per step (are masks left in the block?), two per block (its step count, and are all rows
+      finished?) and one per call (where padding starts); the streamer adds one per step. No per-row Python loops.
 
 One denoising loop (`_denoise`):
     1. For each block k (left to right): the active positions are `is_generated & (block_ids == k)`.
@@ -426,23 +429,29 @@ def _denoise(
     temperature = 0.0 if config.is_greedy else (1.0 if config.temperature is None else config.temperature)
     top_k = None if config.is_greedy else config.top_k
     top_p = None if config.is_greedy else config.top_p
-    # Under shift, the last committed token is fed again at the head of each cached window (kept out of the cache).
-    overlap = int(model.config.shift)
+    # Under shift, the logits of a block's first position come from the last committed token: they are computed once,
+    # by the forward that commits that token, and reused at every step of the block (`head_logits`).
+    is_shifted = bool(model.config.shift)
     cache = DynamicCache() if use_cache else None
     pending_logits = None  # the fused commit + first-step forward of the next block
+    head_logits = None  # [B, 1, V], logits of the active window's first position (under shift)
     nfe = 0
     history = [] if config.output_history else None
     streamed = 0
+    # Columns before `first_pad` are real in every row: forwards ending there pass no padding mask, so a window that
+    # may see all its keys runs unmasked (`DiffusionLM.forward`). One host sync for the whole loop.
+    first_pad = int(torch.where(is_real, width, columns).amin())
 
     def forward(start: int, end: int) -> torch.Tensor:
         """Logits `[B, end - start, V]` of canvas columns [start, end), over the cache when there is one."""
         nonlocal nfe
         nfe += 1
         if cache is None:
-            return model(input_ids=canvas, attention_mask=attention_mask).logits[:, start:end]
+            mask = None if width <= first_pad else attention_mask
+            return model(input_ids=canvas, attention_mask=mask).logits[:, start:end]
         outputs = model(
             input_ids=canvas[:, start:end],
-            attention_mask=attention_mask[:, :end],
+            attention_mask=None if end <= first_pad else attention_mask[:, :end],
             past_key_values=cache,
             use_cache=True,
         )
@@ -464,7 +473,6 @@ def _denoise(
             if active_columns.numel() == 0:
                 continue
             lo, hi = int(active_columns[0]), int(active_columns[-1]) + 1
-        start = max(lo - overlap, 0)  # cached: the window begins with the left neighbour of the block
         is_active_window = is_active[:, lo:hi]  # [B, W]
         num_masked = ((canvas[:, lo:hi] == mask_token_id) & is_active_window).sum(-1)  # [B]
         # A partial block gets steps in proportion to its tokens (constant tokens per step).
@@ -473,7 +481,8 @@ def _denoise(
         if cache is not None and pending_logits is None:
             # Prefill: the prompt and the first block in one forward; the block's keys are dropped again.
             pending_logits = forward(0, hi)[:, lo:]
-            crop(start)
+            head_logits = pending_logits[:, :1].clone()
+            crop(lo)
 
         # 2. denoising steps until the block has no masks
         for step_index in range(block_steps):
@@ -482,10 +491,14 @@ def _denoise(
                 break
             if pending_logits is not None:
                 logits, pending_logits = pending_logits, None
+            elif cache is not None:
+                # The window alone over the cache of everything before it: unmasked under block attention.
+                logits = forward(lo, hi)  # [B, W, V]
+                crop(lo)
+                if is_shifted:
+                    logits[:, :1] = head_logits  # its own first row reads itself (the left neighbour is cached)
             else:
-                logits = forward(start, hi)[:, lo - start :] if cache is not None else forward(lo, hi)  # [B, W, V]
-                if cache is not None:
-                    crop(start)
+                logits = forward(lo, hi)  # [B, W, V]
             tokens, commit = samplers.step(
                 logits,
                 is_masked,
@@ -512,8 +525,9 @@ def _denoise(
         # 3. commit the block, fused with the first forward of the next one
         if cache is not None and block < blocks[-1]:
             next_lo, next_hi = lo + grid, min(hi + grid, width)
-            pending_logits = forward(start, next_hi)[:, next_lo - start :]  # [B, W', V]
-            crop(next_lo - overlap)
+            pending_logits = forward(lo, next_hi)[:, next_lo - lo :]  # [B, W', V]
+            head_logits = pending_logits[:, :1].clone()
+            crop(next_lo)
 
     if streamer is not None:
         _stream(streamer, canvas.gather(1, answer_index)[0], streamed, eos_ids, mask_token_id, draft=False)

@@ -16,6 +16,7 @@ Outline of `DiffusionLM.forward`:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -33,6 +34,7 @@ from .attention import (
     AttentionLayout,
     annealed_open_entries,
     diffusion_attention,
+    non_causal,
     positions_from_inputs,
     two_stream_layout,
 )
@@ -277,6 +279,7 @@ class DiffusionLM(PreTrainedModel):
         batch_size, length = embeds.shape[:2]
         device = embeds.device
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        given_attention_mask = attention_mask  # before the padding mask of a cached forward is filled in
 
         # 1. positions and document ids over the key range
         if past_length > 0 and attention_mask is None:
@@ -301,6 +304,15 @@ class DiffusionLM(PreTrainedModel):
         if two_stream and past_length > 0:
             raise ValueError("The two-stream `[x_t ; x_0]` layout is for training and scoring; it takes no KV cache.")
         layout = self.attention_layout(positions, doc_ids, two_stream=two_stream, generator=generator)
+        # Unmasked fast path: the pattern allows every pair, one document (position ids only shape the layout
+        # without a cache), no padding (checked last: it is the only host sync, and only taken when it can pay).
+        unmasked = (
+            (position_ids is None or past_length > 0)
+            and self._allows_every_pair(layout, past_length, length)
+            and (given_attention_mask is None or bool(given_attention_mask.all()))
+        )
+        if unmasked:
+            layout = dataclasses.replace(layout, unmasked=True)
 
         model_positions = positions[:, past_length:]  # [B, L]
         model_attention_mask = attention_mask
@@ -310,8 +322,8 @@ class DiffusionLM(PreTrainedModel):
             if attention_mask is not None:
                 model_attention_mask = torch.cat([attention_mask, attention_mask], dim=1)  # [B, 2L]
 
-        # 3. the causal LM under the diffusion pattern
-        with diffusion_attention(layout):
+        # 3. the causal LM under the diffusion pattern (unmasked: no mask, non-causal kernels)
+        with diffusion_attention(layout), non_causal(self._attention_modules() if unmasked else ()):
             outputs = self.model(
                 input_ids=input_ids,
                 inputs_embeds=inputs_embeds if input_ids is None else None,
@@ -331,6 +343,33 @@ class DiffusionLM(PreTrainedModel):
         if self.config.mask_token_id is not None:
             logits[..., self.config.mask_token_id] = torch.finfo(logits.dtype).min
         return DiffusionLMOutput(logits=logits, past_key_values=outputs.past_key_values if use_cache else None)
+
+    def _allows_every_pair(self, layout: AttentionLayout, past_length: int, length: int) -> bool:
+        """Whether every query may attend to every key, for unpadded single-document input (host-side facts only).
+
+        Bidirectional attention always; block attention when the input lies in one block and the cache holds
+        everything before it (a decoding window); never for the two-stream layout or the annealed training pattern.
+        Gradient checkpointing (transformers' or a `CheckpointWrapper`, as FSDP's activation checkpointing applies)
+        recomputes layers in backward, outside the forward's `non_causal` context: it keeps the masked path.
+        """
+        if torch.is_grad_enabled() and (
+            self.causal_lm.is_activation_checkpointing
+            or any(type(module).__name__ == "CheckpointWrapper" for module in self.model.modules())
+        ):
+            return False
+        if layout.pattern == "bidirectional":
+            return True
+        if layout.pattern == "block" and layout.is_clean is None:
+            return past_length // layout.block_size == (past_length + length - 1) // layout.block_size
+        return False
+
+    def _attention_modules(self) -> list[torch.nn.Module]:
+        """The modules carrying an `is_causal` flag (attention layers), found once."""
+        if getattr(self, "_is_causal_modules", None) is None:
+            self._is_causal_modules = [
+                module for module in self.causal_lm.modules() if isinstance(getattr(module, "is_causal", None), bool)
+            ]
+        return self._is_causal_modules
 
     def _loss_forward(
         self,
@@ -379,19 +418,36 @@ class DiffusionLM(PreTrainedModel):
             if is_masked is not None:
                 raise ValueError("An explicit `is_masked` needs the time `t` it was drawn at.")
             t = sample_time(
-                batch_size, num_blocks, eps=time_eps, antithetic=antithetic_time, generator=generator,
+                batch_size,
+                num_blocks,
+                eps=time_eps,
+                antithetic=antithetic_time,
+                generator=generator,
                 device=input_ids.device,
             )  # [B, nb]
         # 3. corruption
         if is_masked is None:
             corruption = corrupt(
-                input_ids, is_target, t, mask_token_id=config.mask_token_id, schedule=config.noise_schedule,
-                masking=config.masking, strength=config.masking_strength, block_size=block_size, generator=generator,
+                input_ids,
+                is_target,
+                t,
+                mask_token_id=config.mask_token_id,
+                schedule=config.noise_schedule,
+                masking=config.masking,
+                strength=config.masking_strength,
+                block_size=block_size,
+                generator=generator,
             )
         else:
             corruption = masked_corruption(
-                input_ids, is_target, is_masked, t, mask_token_id=config.mask_token_id,
-                schedule=config.noise_schedule, masking=config.masking, strength=config.masking_strength,
+                input_ids,
+                is_target,
+                is_masked,
+                t,
+                mask_token_id=config.mask_token_id,
+                schedule=config.noise_schedule,
+                masking=config.masking,
+                strength=config.masking_strength,
                 block_size=block_size,
             )
         corruptions = [corruption]
@@ -432,9 +488,7 @@ class DiffusionLM(PreTrainedModel):
             }
         return DiffusionLMOutput(loss=result.loss, logits=outputs.logits, metrics=metrics)
 
-    def _align(
-        self, raw_logits: torch.Tensor, length: int, two_stream: bool, positions: torch.Tensor
-    ) -> torch.Tensor:
+    def _align(self, raw_logits: torch.Tensor, length: int, two_stream: bool, positions: torch.Tensor) -> torch.Tensor:
         """`logits[:, i]` predicts token i. Without shift this is the identity (on the noisy half)."""
         if not self.config.shift:
             return raw_logits[:, :length].clone()
@@ -514,7 +568,9 @@ class DiffusionLM(PreTrainedModel):
             is_trainable (`bool`, defaults to `False`): keep the adapter trainable (to continue training).
             kwargs: passed to the base model's `from_pretrained` (`dtype`, `attn_implementation`, `device_map`, ...).
         """
-        hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs}
+        hub_kwargs = {
+            key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
+        }
         adapter_file = cached_file(
             pretrained_model_name_or_path,
             ADAPTER_CONFIG_NAME,
@@ -717,7 +773,7 @@ def _nf4_config(dtype=None):
         import bitsandbytes  # noqa: F401
     except ImportError as error:
         raise ImportError(
-            "`load_in_4bit=True` (QLoRA) needs bitsandbytes: `pip install \"peft-diffusion[qlora]\"`."
+            '`load_in_4bit=True` (QLoRA) needs bitsandbytes: `pip install "peft-diffusion[qlora]"`.'
         ) from error
     from transformers import BitsAndBytesConfig
 

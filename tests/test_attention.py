@@ -222,3 +222,123 @@ def test_bad_layouts_raise():
         AttentionLayout("block", positions, positions)
     with pytest.raises(ValueError, match="ratio"):
         annealed_open_entries(4, 1.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The unmasked fast path: no mask where every query may see every key, same logits as the masked path
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def run_recording(model, masked, monkeypatch, **forward_kwargs):
+    """Logits of one forward and whether it ran unmasked (attention modules non-causal during the forward).
+
+    `masked=True` forces the masked path by denying the unmasked one (`_allows_every_pair`); nothing else changes.
+    """
+    from peft_diffusion.model import DiffusionLM
+
+    if masked:
+        monkeypatch.setattr(DiffusionLM, "_allows_every_pair", lambda self, *args: False)
+    seen = []
+    modules = [m for m in model.causal_lm.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    handle = modules[0].register_forward_pre_hook(lambda module, args: seen.append(module.is_causal))
+    try:
+        logits = model(**forward_kwargs).logits
+    finally:
+        handle.remove()
+        monkeypatch.undo()
+    assert modules[0].is_causal  # restored after the forward
+    return logits, not seen[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cached_block_window_runs_unmasked_with_equal_logits(arch, backend, monkeypatch):
+    """A block window over a cache of everything before it: no mask at all, the masked path's logits."""
+    from transformers.cache_utils import DynamicCache
+
+    model = get_diffusion_model(
+        tiny_causal_lm(arch, backend),
+        DiffusionConfig(attention="block", block_size=BLOCK, shift=True, mask_token_id=MASK_ID),
+    ).eval()
+    canvas = tokens(3 * BLOCK).repeat(2, 1)
+    canvas[1, 2 * BLOCK + 1] = MASK_ID
+    results = {}
+    for masked in (False, True):
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=canvas[:, : 2 * BLOCK], past_key_values=cache, use_cache=True)
+            logits, unmasked = run_recording(
+                model, masked, monkeypatch, input_ids=canvas[:, 2 * BLOCK :], past_key_values=cache, use_cache=True
+            )
+        results[masked] = logits
+        assert unmasked == (not masked)
+        assert cache.get_seq_length() == 3 * BLOCK
+    torch.testing.assert_close(results[False], results[True], atol=1e-5, rtol=1e-5)
+    # the same logits as the uncached forward of the whole canvas (block pattern, masked)
+    with torch.no_grad():
+        whole = model(input_ids=canvas).logits[:, 2 * BLOCK + 1 :]
+    torch.testing.assert_close(results[False][:, 1:], whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_bidirectional_runs_unmasked_with_equal_logits(arch, backend, monkeypatch):
+    model = get_diffusion_model(
+        tiny_causal_lm(arch, backend), DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID)
+    ).eval()
+    input_ids = tokens()
+    with torch.no_grad():
+        fast, unmasked = run_recording(model, False, monkeypatch, input_ids=input_ids)
+        slow, masked_unmasked = run_recording(model, True, monkeypatch, input_ids=input_ids)
+    assert unmasked and not masked_unmasked
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "forward_kwargs"),
+    [
+        ("bidirectional", dict(attention_mask=torch.tensor([[0, 0] + [1] * (LENGTH - 2)]))),  # padding
+        ("bidirectional", dict(position_ids=torch.cat([torch.arange(5), torch.arange(LENGTH - 5)])[None])),  # packed
+        ("block", {}),  # several blocks without a cache
+    ],
+)
+def test_masked_path_kept_where_some_pair_is_forbidden(pattern, forward_kwargs, monkeypatch):
+    model = get_diffusion_model(
+        tiny_causal_lm("llama", "sdpa"),
+        DiffusionConfig(attention=pattern, block_size=BLOCK, mask_token_id=MASK_ID),
+    ).eval()
+    with torch.no_grad():
+        _, unmasked = run_recording(model, False, monkeypatch, input_ids=tokens(), **forward_kwargs)
+    assert not unmasked
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bidirectional_training_gradients_equal_the_masked_path(checkpointing, monkeypatch):
+    """Unmasked training gives the masked path's gradients; gradient checkpointing keeps the masked path (its
+    recomputation runs outside the forward, where the attention modules are causal again)."""
+    from peft_diffusion.model import DiffusionLM
+
+    model = get_diffusion_model(
+        tiny_causal_lm("llama", "sdpa"), DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID)
+    ).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    input_ids = tokens().repeat(2, 1)
+
+    def gradients(masked):
+        if masked:
+            monkeypatch.setattr(DiffusionLM, "_allows_every_pair", lambda self, *args: False)
+        model.zero_grad()
+        seen = []
+        handle = model._attention_modules()[0].register_forward_pre_hook(lambda m, a: seen.append(m.is_causal))
+        loss = model(input_ids=input_ids, labels=input_ids, generator=torch.Generator().manual_seed(0)).loss
+        loss.backward()
+        handle.remove()
+        monkeypatch.undo()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], seen
+
+    fast, seen_fast = gradients(False)
+    slow, _ = gradients(True)
+    assert (seen_fast[0] is False) == (not checkpointing)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -78,7 +78,7 @@ def test_cached_equals_uncached_with_wider_decoding_blocks():
 
 
 def test_cache_saves_forwards_over_the_prompt():
-    """The prompt is prefilled once: a cached step forwards one block (+1 token), not the whole canvas."""
+    """The prompt is prefilled once: a cached step forwards exactly one block, a fused commit two, never the prompt."""
     model = diffusion_model("llama")
     calls = []
     handle = model.causal_lm.register_forward_pre_hook(
@@ -87,8 +87,36 @@ def test_cache_saves_forwards_over_the_prompt():
     generate(model, prompts(1, 12), max_new_tokens=8, steps=8, use_cache=True, **NO_EOS)
     handle.remove()
     assert calls[0] == 12 + BLOCK  # prefill fused with the first block's first step
-    assert max(calls[1:]) <= 2 * BLOCK + 1  # block steps, and commit fused with the next block
+    assert set(calls[1:]) <= {BLOCK, 2 * BLOCK}  # block steps, and commit fused with the next block
     assert len(calls) == 8
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_cached_steps_run_unmasked(shift):
+    """Every step forward (one block over the cache) runs with no mask; prefill and fused commits keep theirs. With
+    ragged prompts, windows reaching a row's right padding keep the mask."""
+    model = diffusion_model("llama", shift=shift, backend="sdpa")
+    attention = model._attention_modules()[0]
+    calls = []
+    handle = attention.register_forward_pre_hook(lambda module, args: calls.append(module.is_causal))
+    width_calls = []
+    size_handle = model.causal_lm.register_forward_pre_hook(
+        lambda module, args, kwargs: width_calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    generate(model, prompts(1, 6), max_new_tokens=10, steps=10, **NO_EOS)
+    unmasked = [not causal for causal in calls]
+    assert unmasked == [width == BLOCK for width in width_calls]
+    assert sum(unmasked) > 0
+    calls.clear()
+    width_calls.clear()
+    input_ids, attention_mask = left_padded([row[:n] for row, n in zip(prompts(2, 6), (6, 2))])
+    generate(model, input_ids, attention_mask, max_new_tokens=10, steps=10, **NO_EOS)
+    handle.remove()
+    size_handle.remove()
+    # row 1 ends at column 12: the window [12, 16) sees its padding
+    unmasked = [not causal for causal in calls]
+    assert any(width == BLOCK and not fast for width, fast in zip(width_calls, unmasked))
+    assert any(unmasked)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
