@@ -442,8 +442,9 @@ def _denoise(
     # may see all its keys runs unmasked (`DiffusionLM.forward`). One host sync for the whole loop.
     first_pad = int(torch.where(is_real, width, columns).amin())
 
-    def forward(start: int, end: int) -> torch.Tensor:
-        """Logits `[B, end - start, V]` of canvas columns [start, end), over the cache when there is one."""
+    def forward(start: int, end: int, keep: int = 0) -> torch.Tensor:
+        """Logits `[B, end - start, V]` of canvas columns [start, end), over the cache when there is one; with the
+        cache and `keep`, only the last `keep` columns' logits (the LM head skips the others)."""
         nonlocal nfe
         nfe += 1
         if cache is None:
@@ -454,6 +455,7 @@ def _denoise(
             attention_mask=None if end <= first_pad else attention_mask[:, :end],
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=keep,
         )
         return outputs.logits
 
@@ -480,7 +482,7 @@ def _denoise(
         schedule = num_tokens_per_step(num_masked, block_steps)  # [B, block_steps]
         if cache is not None and pending_logits is None:
             # Prefill: the prompt and the first block in one forward; the block's keys are dropped again.
-            pending_logits = forward(0, hi)[:, lo:]
+            pending_logits = forward(0, hi, keep=hi - lo)  # [B, W, V]; no LM head over the prompt
             head_logits = pending_logits[:, :1].clone()
             crop(lo)
 
@@ -525,7 +527,7 @@ def _denoise(
         # 3. commit the block, fused with the first forward of the next one
         if cache is not None and block < blocks[-1]:
             next_lo, next_hi = lo + grid, min(hi + grid, width)
-            pending_logits = forward(lo, next_hi)[:, next_lo - lo :]  # [B, W', V]
+            pending_logits = forward(lo, next_hi, keep=next_hi - next_lo)  # [B, W', V]
             head_logits = pending_logits[:, :1].clone()
             crop(next_lo)
 

@@ -219,6 +219,7 @@ class DiffusionLM(PreTrainedModel):
         complementary_masking: bool = False,
         normalization: str = "targets",
         num_items_in_batch: int | torch.Tensor | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> DiffusionLMOutput:
         r"""Logits of the diffusion LM, aligned to positions.
@@ -254,6 +255,9 @@ class DiffusionLM(PreTrainedModel):
             normalization (`str`, defaults to `"targets"`): divide by the number of target tokens (the ELBO) or by
                 the number of masked tokens (`"masked"`).
             num_items_in_batch (`int`, *optional*): the Trainer's count of target tokens over accumulated batches.
+            logits_to_keep (`int`, defaults to 0): return the logits of the last `logits_to_keep` positions only (0:
+                all); the LM head then runs on those rows (plus the one row the shift reads), as in transformers.
+                Not with the two-stream layout.
 
         Returns:
             `DiffusionLMOutput` with `logits` of shape `(batch_size, sequence_length, vocab_size)` and, with
@@ -322,6 +326,15 @@ class DiffusionLM(PreTrainedModel):
             if attention_mask is not None:
                 model_attention_mask = torch.cat([attention_mask, attention_mask], dim=1)  # [B, 2L]
 
+        if logits_to_keep < 0:
+            raise ValueError(f"`logits_to_keep` must be >= 0 (0 keeps all), got logits_to_keep={logits_to_keep}.")
+        if logits_to_keep and two_stream:
+            raise ValueError("`logits_to_keep` is not supported with the two-stream `[x_t ; x_0]` layout; pass 0.")
+        keep = min(logits_to_keep, length) if logits_to_keep else length
+        if keep < length:
+            # Under shift, logits of position i are read at i - 1: one more row of the LM head.
+            kwargs["logits_to_keep"] = min(length, keep + int(self.config.shift))
+
         # 3. the causal LM under the diffusion pattern (unmasked: no mask, non-causal kernels)
         with diffusion_attention(layout), non_causal(self._attention_modules() if unmasked else ()):
             outputs = self.model(
@@ -337,7 +350,7 @@ class DiffusionLM(PreTrainedModel):
         raw_logits = outputs.logits  # [B, L or 2L, V]
 
         # 4. the shift
-        logits = self._align(raw_logits, length, two_stream, positions[:, past_length:])  # [B, L, V]
+        logits = self._align(raw_logits, length, two_stream, positions[:, past_length:], keep)  # [B, keep, V]
 
         # 5. the mask token is never predicted
         if self.config.mask_token_id is not None:
@@ -488,16 +501,22 @@ class DiffusionLM(PreTrainedModel):
             }
         return DiffusionLMOutput(loss=result.loss, logits=outputs.logits, metrics=metrics)
 
-    def _align(self, raw_logits: torch.Tensor, length: int, two_stream: bool, positions: torch.Tensor) -> torch.Tensor:
-        """`logits[:, i]` predicts token i. Without shift this is the identity (on the noisy half)."""
+    def _align(
+        self, raw_logits: torch.Tensor, length: int, two_stream: bool, positions: torch.Tensor, keep: int | None = None
+    ) -> torch.Tensor:
+        """`logits[:, i]` predicts token i, for the last `keep` of `length` positions (all by default). Without
+        shift this is the identity (on the noisy half). `raw_logits` holds the last rows of the model's output."""
+        keep = length if keep is None else keep
         if not self.config.shift:
-            return raw_logits[:, :length].clone()
-        index = torch.arange(length, device=raw_logits.device).expand(raw_logits.shape[0], -1)  # [B, L]
+            return raw_logits[:, :length].clone() if keep == length else raw_logits[:, -keep:]
+        offset = length - raw_logits.shape[1] if not two_stream else 0  # rows the LM head skipped
+        positions = positions[:, length - keep :]  # [B, keep]
+        index = torch.arange(length - keep, length, device=raw_logits.device).expand(raw_logits.shape[0], -1)
         # The first token of a document has no left neighbour: it reads itself (it is never a target under shift),
         # so padding or a previous packed document never leaks into it. With a KV cache, the first input token's left
         # neighbour is cached and has no logits here: it reads itself too, so its row is no prediction (the decoding
-        # loop feeds the last committed token again, outside the cache, to predict the next one: `generation.py`).
-        source = torch.where(positions == 0, index, index - 1).clamp(min=0)  # [B, L]
+        # loop keeps those logits from the forward that committed the neighbour: `generation.py`).
+        source = (torch.where(positions == 0, index, index - 1) - offset).clamp(min=0)  # [B, keep]
         if two_stream:
             # The first token of a noisy block is predicted from the clean copy of the previous token: under the
             # clean-context pattern the noisy previous token lives in another block and cannot be the context.

@@ -119,6 +119,30 @@ def test_cached_steps_run_unmasked(shift):
     assert any(unmasked)
 
 
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logits_to_keep_equals_the_tail_of_all_logits(arch, shift):
+    """The LM head on the last rows only (prefill, fused commits): the same logits as the full forward's tail."""
+    from transformers.cache_utils import DynamicCache
+
+    model = diffusion_model(arch, shift=shift, backend="sdpa")
+    input_ids, attention_mask = left_padded([row[:n] for row, n in zip(prompts(2, 11), (11, 6))])
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        for keep in (1, 4, 11):
+            tail = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+            torch.testing.assert_close(tail, full[:, -keep:], atol=1e-5, rtol=1e-5)
+        # over a cache split at a block boundary (as the decoding loop splits it)
+        unpadded = prompts(2, 11)
+        full = model(input_ids=unpadded).logits
+        cache = DynamicCache()
+        model(input_ids=unpadded[:, :8], past_key_values=cache, use_cache=True)
+        cached = model(input_ids=unpadded[:, 8:], past_key_values=cache, logits_to_keep=2).logits
+    torch.testing.assert_close(cached, full[:, -2:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(input_ids=input_ids, logits_to_keep=-1)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Batching, padding, output
 # ----------------------------------------------------------------------------------------------------------------------
