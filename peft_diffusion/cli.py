@@ -98,8 +98,8 @@ class ConvertArguments:
     max_train_minutes: float | None = field(
         default=7.0,
         metadata={
-            "help": "Stop training after this many minutes of wall time (checked every step); "
-            "`max_steps` is the primary knob. 0 or a negative value: no limit."
+            "help": "Stop training once this many minutes have passed since the command started (checked every "
+            "step; loading counts, the demo does not); `max_steps` is the primary knob. 0: no limit."
         },
     )
     demo: bool = field(
@@ -231,6 +231,7 @@ def convert_parser():
         logging_steps=10,
         save_strategy="no",
         report_to="none",
+        disable_tqdm=False,
         seed=0,
     )
     parser = _parser(
@@ -258,18 +259,16 @@ def _dtype(name: str | None):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _time_limit_callback(minutes: float):
+def _time_limit_callback(minutes: float, started: float):
     from transformers import TrainerCallback
 
     class WallClockLimit(TrainerCallback):
-        """Stop training once `minutes` of wall time have passed (checked after every optimizer step)."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.monotonic()
+        """Stop training once `minutes` have passed since `started` (a `time.monotonic()` value: the start of the
+        command, so that a slow first load of the checkpoint eats into training, not into the total)."""
 
         def on_step_end(self, args, state, control, **kwargs):
-            if time.monotonic() - self.start > minutes * 60:
-                print(f"\nStopping: the {minutes:g}-minute training budget is spent (step {state.global_step}).")
+            if time.monotonic() - started > minutes * 60:
+                print(f"\nStopping: the {minutes:g}-minute budget is spent (step {state.global_step}).")
                 control.should_training_stop = True
             return control
 
@@ -312,7 +311,7 @@ def convert(argv: list[str]) -> int:
     # 2. conversion and training
     callbacks = []
     if script_args.max_train_minutes is not None and script_args.max_train_minutes > 0:
-        callbacks.append(_time_limit_callback(script_args.max_train_minutes))
+        callbacks.append(_time_limit_callback(script_args.max_train_minutes, started))
     trainer = DiffusionTrainer(
         model_path,
         args=training_args,
@@ -417,7 +416,7 @@ def demo(
     texts = []
     first_output = None
     print(f"\n=== Generations ({max_new_tokens} new tokens at most, greedy) ===")
-    for index, message in enumerate(prompts):
+    for message in prompts:
         input_ids = chat_input_ids(tokenizer, message)
         prompt_length = input_ids.shape[1]
         with torch.no_grad():
@@ -430,7 +429,7 @@ def demo(
                 max_new_tokens=max_new_tokens,
                 threshold=threshold,
                 return_dict_in_generate=True,
-                output_history=index == 0,
+                output_history=True,
             )
             seconds = time.perf_counter() - start
         ar_new = ar[0, prompt_length:]
@@ -449,8 +448,8 @@ def demo(
         print(
             f"\n> {message}\n  AR base  : {_one_line(ar_text)}\n  diffusion: {_one_line(text)}  [{out.nfe} forwards]"
         )
-        if index == 0:
-            first_output = (input_ids, out)
+        if first_output is None or count > first_output[2]:
+            first_output = (message, input_ids, count, out)
     for name in ("ar", "diffusion"):
         item = figures[name]
         item["nfe_per_token"] = item["nfe"] / max(item["tokens"], 1)
@@ -465,17 +464,18 @@ def demo(
     figures["texts"] = texts
     figures["infill"] = infill_example(model, tokenizer)
     if trajectory_path is not None and first_output is not None:
-        input_ids, out = first_output
+        message, input_ids, count, out = first_output
         saved = save_trajectory(
             out.history,
             tokenizer,
             model.config.mask_token_id,
             trajectory_path,
-            title=f"{prompts[0]!r}: {out.nfe} forwards",
+            title=f"{message!r}: {count} tokens in {out.nfe} forwards",
             block_size=_grid(model),
+            offset=input_ids.shape[1],
         )
         if saved:
-            print(f"\ntrajectory of the first answer saved to {saved}")
+            print(f"\ntrajectory of the longest answer saved to {saved}")
     return figures
 
 
@@ -559,10 +559,23 @@ def commit_steps(history, mask_token_id: int):
 
 
 def save_trajectory(
-    history, tokenizer, mask_token_id: int, path: str, *, title: str = "", block_size=None, columns: int = 16
+    history,
+    tokenizer,
+    mask_token_id: int,
+    path: str,
+    *,
+    title: str = "",
+    block_size: int | None = None,
+    offset: int = 0,
+    columns: int = 16,
 ) -> str | None:
-    """Save a PNG of the denoising trajectory: every answer token in reading order, coloured by the step that
-    committed it (block boundaries drawn). Returns the path, or None (with a one-line note) without matplotlib."""
+    """Save a PNG of the denoising trajectory of one answer (`history` `[S, 1, N]`, from `output_history=True`).
+
+    Top: the answer's tokens in reading order, each coloured by the step that committed it, with the block
+    boundaries (position `offset + i` divisible by `block_size`, `offset` being the prompt length). Bottom: commit
+    step against position (a token-by-token AR decoder would be the diagonal; several tokens in one step are
+    parallel decoding). Returns the path, or None (with a one-line note) without matplotlib.
+    """
     try:
         import matplotlib
 
@@ -574,39 +587,43 @@ def save_trajectory(
     steps = commit_steps(history, mask_token_id).tolist()
     final = history[-1, 0].tolist()
     eos = set(_as_list(tokenizer.eos_token_id))
-    length = len(final)
-    for index, token in enumerate(final):
-        if token in eos:
-            length = index + 1
-            break
-    labels = [repr(tokenizer.decode([token]))[1:-1][:10] for token in final[:length]]
+    length = next((index + 1 for index, token in enumerate(final) if token in eos), len(final))
+    labels = [repr(tokenizer.decode([token]))[1:-1][:9] for token in final[:length]]
+    columns = max(1, min(columns, length))
     rows = math.ceil(length / columns)
-    num_steps = history.shape[0]
-    fig, ax = plt.subplots(figsize=(columns * 0.9, rows * 0.55 + 1.2))
+    num_steps = max(max(steps[:length]) + 1, 1)
     cmap = plt.get_cmap("viridis")
+    norm = plt.Normalize(0, max(num_steps - 1, 1))
+    fig, (grid_ax, step_ax) = plt.subplots(
+        2, 1, figsize=(max(7.0, columns * 0.8), rows * 0.5 + 3.6), gridspec_kw={"height_ratios": [rows * 0.5, 3]}
+    )
+    # top: the tokens coloured by commit step
     for index in range(length):
         row, col = divmod(index, columns)
         step = steps[index]
-        color = cmap(step / max(num_steps - 1, 1)) if step >= 0 else (0.85, 0.85, 0.85, 1.0)
-        ax.add_patch(plt.Rectangle((col, -row - 1), 0.96, 0.9, color=color))
-        ax.text(
-            col + 0.48,
-            -row - 0.55,
-            labels[index],
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="white" if step >= 0 and step < 0.6 * num_steps else "black",
-        )
-        ax.text(col + 0.9, -row - 0.15, str(step), ha="right", va="top", fontsize=5, color="white")
-        if block_size and index % block_size == 0 and col > 0:
-            ax.plot([col - 0.02, col - 0.02], [-row - 1, -row - 0.1], color="red", linewidth=1)
-    ax.set_xlim(0, columns)
-    ax.set_ylim(-rows, 0)
-    ax.axis("off")
-    mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max(num_steps - 1, 1)))
-    fig.colorbar(mappable, ax=ax, label="denoising step that committed the token", fraction=0.03)
-    ax.set_title(f"{title}\n(red bars: block boundaries of the answer)" if block_size else title, fontsize=9)
+        color = cmap(norm(step)) if step >= 0 else (0.85, 0.85, 0.85, 1.0)
+        grid_ax.add_patch(plt.Rectangle((col, -row - 1), 0.96, 0.9, color=color))
+        dark = step >= 0 and norm(step) < 0.6
+        grid_ax.text(col + 0.48, -row - 0.55, labels[index], ha="center", va="center", fontsize=7,
+                     color="white" if dark else "black")  # fmt: skip
+        grid_ax.text(col + 0.92, -row - 0.12, str(step), ha="right", va="top", fontsize=5,
+                     color="white" if dark else "black")  # fmt: skip
+        if block_size and (offset + index) % block_size == 0 and index > 0:
+            grid_ax.plot([col - 0.02] * 2, [-row - 1.02, -row - 0.08], color="red", linewidth=1.5)
+    grid_ax.set_xlim(0, columns)
+    grid_ax.set_ylim(-rows, 0)
+    grid_ax.axis("off")
+    grid_ax.set_title(title + ("\n(red bars: block boundaries)" if block_size else ""), fontsize=9)
+    # bottom: step against position
+    positions = [index for index in range(length) if steps[index] >= 0]
+    step_ax.plot([0, length - 1], [0, length - 1], color="0.75", linestyle="--", linewidth=1, label="one token/step")
+    step_ax.scatter(positions, [steps[i] for i in positions], c=[steps[i] for i in positions], cmap=cmap, norm=norm,
+                    s=18, zorder=3, label="committed token")  # fmt: skip
+    step_ax.set_xlabel("answer position")
+    step_ax.set_ylabel("denoising step")
+    step_ax.set_xlim(-0.5, length - 0.5)
+    step_ax.set_ylim(-0.5, max(num_steps, 1) - 0.5)
+    step_ax.legend(loc="upper left", fontsize=7, frameon=False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -744,8 +761,9 @@ def generate(argv: list[str]) -> int:
             tokenizer,
             model.config.mask_token_id,
             args.trajectory,
-            title=f"{out.nfe} forwards",
+            title=f"{count} tokens in {out.nfe} forwards",
             block_size=_grid(model),
+            offset=input_ids.shape[1],
         )
         if saved:
             print(f"trajectory saved to {saved}", file=sys.stderr)

@@ -155,7 +155,7 @@ def test_wall_clock_budget_stops_training(tiny_model_dir, tmp_path, capsys):
         capsys,
     )  # fmt: skip
     assert code == 0, err
-    assert "trained 1 steps" in out and "training budget is spent (step 1)" in out
+    assert "trained 1 steps" in out and "minute budget is spent (step 1)" in out
 
 
 # ----------------------------------------------------------------------------------------------------------------
