@@ -7,14 +7,13 @@ import io
 import json
 import os
 import string
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import STORIES_260K, tiny_causal_lm
+from conftest import tiny_causal_lm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from peft_diffusion import DiffusionConfig, DiffusionLM, cli, defaults
@@ -282,21 +281,21 @@ def test_debug_shows_the_traceback(capsys):
         main(["convert", "--model", "./no/such/model", "--debug"])
 
 
-def test_console_script_is_declared_and_runs():
+def test_console_script_is_declared_and_exits_with_the_code(monkeypatch, capsys):
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, function = scripts["peft-diffusion"].partition(":")
     assert (module, function) == ("peft_diffusion.cli", "entry_point")
-    result = subprocess.run(
-        [sys.executable, "-m", "peft_diffusion.cli", "generate", "--model", "./missing", "--prompt", "x"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
+    monkeypatch.setattr(sys, "argv", ["peft-diffusion", "generate", "--model", "./missing", "--prompt", "x"])
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(cli, function)()
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
         "peft-diffusion generate: error: --model './missing': no such folder; pass the output folder of "
         "`peft-diffusion convert`."
     ]
+    assert main([]) == 2 and "usage: peft-diffusion" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,8 +450,7 @@ def test_real_smollm2_gguf_to_plain_folder(tmp_path):
 
 def test_convert_and_generate_on_stories260k(stories_path, tmp_path, capsys):
     code, out, err = run(
-        ["convert", "--model", stories_path, "--output_dir", tmp_path, "--dataset",
-         STORIES_260K.parent.parent / "data" / "tinystories_sample.txt", "--block_size", "8", "--demo", "false"]
+        ["convert", "--model", stories_path, "--output_dir", tmp_path, "--block_size", "8", "--demo", "false"]
         + FAST, capsys,
     )  # fmt: skip
     assert code == 0, err
