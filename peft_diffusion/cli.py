@@ -345,12 +345,10 @@ def convert(argv: list[str]) -> int:
     # 4. demo
     if script_args.demo:
         model.eval()
-        base = trainer.model.causal_lm if script_args.full else None
         demo(
             model,
             tokenizer,
             model_path=model_path,
-            base=base,
             model_kwargs=model_kwargs,
             max_new_tokens=script_args.demo_max_new_tokens,
             threshold=script_args.threshold,
@@ -375,12 +373,9 @@ def chat_input_ids(tokenizer, message: str):
     return tokenizer(message, return_tensors="pt").input_ids
 
 
-def answer_length(tokens, eos_ids: set[int], pad_id: int | None) -> int:
-    """Generated tokens up to and including the first EOS (what a reader gets)."""
-    for index, token in enumerate(tokens.tolist()):
-        if token in eos_ids or (pad_id is not None and token == pad_id and token not in eos_ids and index > 0):
-            return index + 1
-    return len(tokens)
+def answer_length(tokens, eos_ids: set[int]) -> int:
+    """Generated tokens up to and including the first EOS (what a reader gets), from `tokens` `[N]`."""
+    return next((index + 1 for index, token in enumerate(tokens.tolist()) if token in eos_ids), len(tokens))
 
 
 def _eos_ids(model) -> set[int]:
@@ -393,7 +388,6 @@ def demo(
     tokenizer,
     *,
     model_path,
-    base=None,
     model_kwargs=None,
     max_new_tokens=48,
     threshold=0.9,
@@ -407,9 +401,8 @@ def demo(
     import torch
     from transformers import AutoModelForCausalLM
 
-    if base is None:
-        base = AutoModelForCausalLM.from_pretrained(model_path, **(model_kwargs or {}))
-    base.eval()
+    # the AR base: the checkpoint as it was before conversion (also after full finetuning)
+    base = AutoModelForCausalLM.from_pretrained(model_path, **(model_kwargs or {})).eval()
     eos_ids = _eos_ids(base)
     pad_id = tokenizer.pad_token_id
     figures = {"ar": {"nfe": 0, "tokens": 0, "seconds": 0.0}, "diffusion": {"nfe": 0, "tokens": 0, "seconds": 0.0}}
@@ -434,8 +427,8 @@ def demo(
             seconds = time.perf_counter() - start
         ar_new = ar[0, prompt_length:]
         new = out.sequences[0, prompt_length:]
-        ar_count = answer_length(ar_new, eos_ids, None)
-        count = answer_length(new, eos_ids, None)
+        ar_count = answer_length(ar_new, eos_ids)
+        count = answer_length(new, eos_ids)
         figures["ar"]["nfe"] += ar_count
         figures["ar"]["tokens"] += ar_count
         figures["ar"]["seconds"] += ar_seconds
@@ -751,7 +744,7 @@ def generate(argv: list[str]) -> int:
     out = model.generate(input_ids, streamer=streamer, generator=generator, **settings)
     seconds = time.perf_counter() - start
     new = out.sequences[0, input_ids.shape[1] :]
-    count = answer_length(new, set(_as_list(tokenizer.eos_token_id)), None)
+    count = answer_length(new, set(_as_list(tokenizer.eos_token_id)))
     if not live:
         print(tokenizer.decode(new[:count], skip_special_tokens=True).strip())
     print(f"[{count} tokens, {out.nfe} forwards, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)

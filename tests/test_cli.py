@@ -92,7 +92,7 @@ def test_convert_saves_an_adapter_with_the_flags_settings(converted_dir, tiny_mo
 def test_convert_full_finetuning_saves_a_full_model(tiny_model_dir, tmp_path, capsys):
     code, out, err = run(
         ["convert", "--model", tiny_model_dir, "--output_dir", tmp_path, "--full", "--attention", "bidirectional",
-         "--demo", "false"] + FAST, capsys,
+         "--demo_prompts", "abc", "--demo_max_new_tokens", "6"] + FAST, capsys,
     )  # fmt: skip
     assert code == 0, err
     assert not (tmp_path / "adapter_config.json").exists()
@@ -100,6 +100,15 @@ def test_convert_full_finetuning_saves_a_full_model(tiny_model_dir, tmp_path, ca
     model = DiffusionLM.from_pretrained(tmp_path)
     assert not model.is_peft and model.config.attention == "bidirectional"
     assert "full finetuning" in out
+    # the demo's AR base is the checkpoint before conversion, not the finetuned weights
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = char_tokenizer()
+    ids = tokenizer("abc", return_tensors="pt").input_ids
+    expected = base.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected_text = tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert f"AR base  : {cli._one_line(expected_text)}\n" in out
+    # bidirectional attention: the infilling example uses DiffusionLM.infill with the whole suffix
+    assert "=== Infilling" in out and "block attention" not in out
 
 
 def test_convert_demo_prints_generations_speed_infilling_and_saves_the_trajectory(tiny_model_dir, tmp_path, capsys):
@@ -173,7 +182,7 @@ def test_generate_prints_the_prompt_and_the_text(converted_dir, capsys):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(converted_dir)
     ids = tokenizer("def f(x):", return_tensors="pt").input_ids
     expected = model.generate(ids, max_new_tokens=8, threshold=0.9)[0, ids.shape[1] :]
-    count = cli.answer_length(expected, {tokenizer.eos_token_id}, None)
+    count = cli.answer_length(expected, {tokenizer.eos_token_id})
     assert "\n".join(lines[1:]) == tokenizer.decode(expected[:count], skip_special_tokens=True).strip()
     assert "forwards" in err and "tokens/s" in err
 
