@@ -16,8 +16,9 @@ output after EOS is padding).
 `--adapter` loads a trained diffusion adapter (e.g. the `peft-diffusion convert` output) on `--model`; LoRA is merged
 for timing (`--no-merge` keeps it separate). Without `--adapter` the base is converted untrained (block attention,
 `--block-size`): an untrained conversion is never confident, so its threshold commits one token per forward and the
-figures measure the loop and the cache only. `--quality` also decodes each prompt alone with EOS, prints both
-answers and the generative perplexity of each method's answers under the AR base (`metrics.generative_perplexity`).
+figures measure the loop and the cache only. `--quality` also decodes each prompt alone (batch 1) with EOS, AR and
+threshold decoding at each of `--quality-thresholds`, timed over all prompts (the batch-1 target on varied answers),
+and prints the answers and their generative perplexity under the AR base (`metrics.generative_perplexity`).
 
     python benchmarks/generate.py                                           # tiny random llama, CPU
     python benchmarks/generate.py --model ../shared/models/stories260K --block-size 8
@@ -189,34 +190,75 @@ def speed(ar, model, tokenizer, args, pad_id: int, eos: list[int]) -> list[dict]
 
 
 def quality(ar, model, tokenizer, args, pad_id: int, eos: list[int]) -> dict:
-    """Each prompt alone, both methods stopping at EOS: the answers and their generative perplexity under `ar`."""
-    answers = {"ar": [], "cached+threshold": []}
-    nfe = []
-    for text in prompt_texts(tokenizer, args.num_quality_prompts):
-        batch = make_batch(tokenizer, [text], args.device)
-        width = batch["input_ids"].shape[1]
-        ar_out = ar.generate(
+    """Each prompt alone (batch 1), every method stopping at EOS: speed over all prompts, the answers, and their
+    generative perplexity under `ar`. Methods: `ar`, then threshold decoding at each of `--quality-thresholds`."""
+    texts = prompt_texts(tokenizer, args.num_quality_prompts)
+    batches = [make_batch(tokenizer, [text], args.device) for text in texts]
+
+    def ar_run(batch):
+        sequences = ar.generate(
             **batch, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos
         )
-        out = model.generate(
-            **batch,
-            max_new_tokens=args.max_new_tokens,
-            steps=args.steps or args.max_new_tokens,
-            block_length=args.block_length,
-            threshold=args.threshold,
-            eos_token_id=eos,
-            return_dict_in_generate=True,
+        return sequences, sequences.shape[1] - batch["input_ids"].shape[1]
+
+    def diffusion_run(threshold):
+        def run(batch):
+            out = model.generate(
+                **batch,
+                max_new_tokens=args.max_new_tokens,
+                steps=args.steps or args.max_new_tokens,
+                block_length=args.block_length,
+                threshold=threshold,
+                eos_token_id=eos,
+                return_dict_in_generate=True,
+            )
+            return out.sequences, out.nfe
+
+        return run
+
+    methods = {"ar": ar_run, **{f"threshold {t}": diffusion_run(t) for t in args.quality_thresholds}}
+    outputs = {name: [run(batch) for batch in batches] for name, run in methods.items()}  # warm-up, the answers
+    best = {name: float("inf") for name in methods}
+    for _ in range(args.rounds):
+        for name, run in methods.items():
+            synchronize(args.device)
+            start = time.perf_counter()
+            for batch in batches:
+                run(batch)
+            synchronize(args.device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    rows, answers = [], {}
+    for name in methods:
+        tokens = sum(
+            count_new_tokens(sequences, batch["input_ids"].shape[1], eos, True)
+            for (sequences, _), batch in zip(outputs[name], batches, strict=True)
         )
-        answers["ar"].append(tokenizer.decode(ar_out[0, width:], skip_special_tokens=True).strip())
-        answers["cached+threshold"].append(
-            tokenizer.decode(out.sequences[0, width:], skip_special_tokens=True).strip()
+        nfe = sum(n for _, n in outputs[name])
+        answers[name] = [
+            tokenizer.decode(sequences[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+            for (sequences, _), batch in zip(outputs[name], batches, strict=True)
+        ]
+        perplexity = generative_perplexity([text or "." for text in answers[name]], ar, tokenizer, device=args.device)
+        rows.append(
+            dict(
+                method=name,
+                seconds=best[name],
+                new_tokens=tokens,
+                tokens_per_second=tokens / best[name],
+                nfe=nfe,
+                tokens_per_forward=tokens / nfe,
+                generative_perplexity=perplexity,
+                answer_forwards=[n for _, n in outputs[name]],
+            )
         )
-        nfe.append(out.nfe)
-    perplexity = {
-        name: generative_perplexity([text or "." for text in texts], ar, tokenizer, device=args.device)
-        for name, texts in answers.items()
+    for row in rows:
+        row["ratio_to_ar"] = row["tokens_per_second"] / rows[0]["tokens_per_second"]
+    source = CHAT_PROMPTS if tokenizer.chat_template else STORY_PROMPTS
+    return {
+        "rows": rows,
+        "answers": answers,
+        "prompts": [source[index % len(source)] for index in range(len(texts))],
     }
-    return {"answers": answers, "diffusion_nfe": nfe, "generative_perplexity": perplexity}
 
 
 def main():
@@ -224,7 +266,7 @@ def main():
     parser.add_argument("--model", default=None, help="the base causal LM (path or Hub id); default: tiny llama")
     parser.add_argument("--adapter", default=None, help="a trained diffusion adapter folder on --model")
     parser.add_argument("--no-merge", dest="merge", action="store_false", help="keep LoRA unmerged for timing")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 8, 32], help="none: --quality only")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=16, help="block size of an untrained conversion")
     parser.add_argument("--block-length", type=int, default=None, help="decoding block (default: block size)")
@@ -235,6 +277,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds; the best of each is kept")
     parser.add_argument("--quality", action="store_true", help="also compare answers and generative perplexity")
     parser.add_argument("--num-quality-prompts", type=int, default=len(CHAT_PROMPTS))
+    parser.add_argument("--quality-thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attn", default="sdpa")
@@ -272,14 +315,23 @@ def main():
             f"{row['tokens_per_forward']:8.2f}"
         )
     if report is not None:
-        print("\nquality (each prompt alone, stop at EOS, greedy):")
-        for index, (ar_text, diffusion_text) in enumerate(
-            zip(report["answers"]["ar"], report["answers"]["cached+threshold"], strict=True)
-        ):
-            print(f"> {CHAT_PROMPTS[index % len(CHAT_PROMPTS)]}")
-            print(f"  ar       : {ar_text!r}")
-            print(f"  diffusion: {diffusion_text!r}  [{report['diffusion_nfe'][index]} forwards]")
-        print(f"generative perplexity under the AR base: {report['generative_perplexity']}")
+        print(
+            f"\nbatch 1, each of {len(report['prompts'])} prompts alone, stop at EOS, greedy; best of {args.rounds} "
+            "rounds over all prompts; generative perplexity of the answers under the AR base"
+        )
+        print(
+            f"{'method':16s} {'s/all':>8s} {'tokens':>7s} {'tok/s':>7s} {'vs ar':>6s} {'NFE':>5s} {'tok/fwd':>8s} {'gen PPL':>8s}"
+        )
+        for row in report["rows"]:
+            print(
+                f"{row['method']:16s} {row['seconds']:8.2f} {row['new_tokens']:7d} {row['tokens_per_second']:7.2f} "
+                f"{row['ratio_to_ar']:6.2f} {row['nfe']:5d} {row['tokens_per_forward']:8.2f} "
+                f"{row['generative_perplexity']:8.2f}"
+            )
+        for index, prompt in enumerate(report["prompts"]):
+            print(f"> {prompt}")
+            for name, texts in report["answers"].items():
+                print(f"  {name:14s}: {texts[index]!r}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"args": vars(args), "rows": rows, "quality": report}, handle, indent=2)
