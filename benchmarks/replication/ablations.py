@@ -61,7 +61,7 @@ def main():
     parser.add_argument("--arms", nargs="+", default=None, help="subset of arm names (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--max-steps", type=int, default=150)
-    parser.add_argument("--mc-samples", type=int, default=8)
+    parser.add_argument("--mc-samples", type=int, default=4)
     parser.add_argument("--cache", type=Path, default=common.DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=common.DOCS_DIR)
     parser.add_argument("--threads", type=int, default=1)
@@ -85,10 +85,7 @@ def main():
             model, payload = common.get_trained(replace(spec, seed=seed), corpus, models)
             if args.train_only:
                 continue
-            final = {
-                split: common.diffusion_nll(model, getattr(corpus, split), mc_samples=m)
-                for split, m in (("heldout", args.mc_samples), ("real", 4 * args.mc_samples))
-            }
+            final = common.final_bounds(model, corpus, args.mc_samples)
             curve = payload["curve"]
             runs.append({"seed": seed, "curve": curve, "final": final, "train_seconds": payload["train_seconds"]})
         results[name] = {"change": change, "runs": runs}

@@ -7,10 +7,11 @@ Both arms are full finetuning of stories260K (260K parameters) as a bidirectiona
 same stories, same batches, same optimiser and schedule; only the initial weights differ. The random-init arm is also
 run at a higher learning rate, so the comparison does not hinge on a learning rate tuned for the pretrained weights.
 Reported: the held-out eval bound along training (the trainer's per-token ELBO, one fixed noise draw per row) and, at
-the end, the Monte-Carlo ELBO NLL bound (`nll_per_token`) on held-out sampled stories and on the five real
-TinyStories, beside the AR checkpoint's exact NLL on the same tokens.
+the end, the Monte-Carlo ELBO NLL bound (`nll_per_token`) on 100 held-out sampled stories and on the five real
+TinyStories, beside the AR checkpoint's exact NLL on the same tokens. Two seeds for the two lr-1e-3 arms, one for the
+lr-3e-3 random-init arm.
 
-    python benchmarks/replication/adaptation.py                 # 2 seeds x 3 arms, ~15 min on 1 CPU thread
+    python benchmarks/replication/adaptation.py                 # 5 runs of 300 steps, ~35 min on 1 CPU thread
     python benchmarks/replication/adaptation.py --quick         # a 30-step smoke run
 """
 
@@ -28,7 +29,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--mc-samples", type=int, default=8)
+    parser.add_argument("--mc-samples", type=int, default=4)
     parser.add_argument("--cache", type=Path, default=common.DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=common.DOCS_DIR)
     parser.add_argument("--threads", type=int, default=1)
@@ -54,16 +55,17 @@ def main():
     if args.quick:
         arms.pop("random init (lr 3e-3)")
     ar = common.load_ar()
-    reference = {split: common.ar_nll(ar, tokenizer, getattr(corpus, split)) for split in ("heldout", "real")}
+    reference = {
+        "heldout": common.ar_nll(ar, tokenizer, corpus.heldout[:100]),
+        "real": common.ar_nll(ar, tokenizer, corpus.real),
+    }
     results = {"reference_ar_nll": reference, "arms": {}}
     for label, spec in arms.items():
         runs = []
-        for seed in args.seeds:
+        # The extra learning rate of the random-init arm gets one seed (time on a shared 2-core CPU).
+        for seed in args.seeds[:1] if "3e-3" in label else args.seeds:
             model, payload = common.get_trained(replace(spec, seed=seed), corpus, models)
-            final = {
-                split: common.diffusion_nll(model, getattr(corpus, split), mc_samples=m)
-                for split, m in (("heldout", args.mc_samples), ("real", 4 * args.mc_samples))
-            }
+            final = common.final_bounds(model, corpus, args.mc_samples)
             runs.append({"seed": seed, "curve": payload["curve"], "final": final})
         results["arms"][label] = runs
 

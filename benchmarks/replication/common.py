@@ -312,6 +312,14 @@ def get_trained(spec: RunSpec, corpus: Corpus, models: Path, *, log=print):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def final_bounds(model, corpus: Corpus, mc_samples: int) -> dict:
+    """`diffusion_nll` on the first 100 held-out stories (`mc_samples`) and on the real ones (4x the samples)."""
+    return {
+        "heldout": diffusion_nll(model, corpus.heldout[:100], mc_samples=mc_samples),
+        "real": diffusion_nll(model, corpus.real, mc_samples=4 * mc_samples),
+    }
+
+
 def diffusion_nll(model, texts: list[str], *, mc_samples: int, seed: int = 0) -> dict:
     """Per-token MC-ELBO NLL bound (`nll_per_token`), each text preceded by BOS."""
     from peft_diffusion.evaluation import nll_per_token

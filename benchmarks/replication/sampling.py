@@ -30,7 +30,7 @@ import torch
 from ablations import arms
 
 STEPS = (8, 16, 32, 64, 128)
-THRESHOLDS = (None, 0.99, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3)
+THRESHOLDS = (None, 0.9, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
 NEW_TOKENS = 128
 PROMPT_TOKENS = 16
 
@@ -149,7 +149,7 @@ def threshold_sweep(models: dict, ar, tokenizer, prompts: list[list[int]]) -> di
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--num-prompts", type=int, default=24, help="prompts of the threshold sweep")
+    parser.add_argument("--num-prompts", type=int, default=16, help="prompts of the threshold sweep")
     parser.add_argument("--adaptation-steps", type=int, default=300, help="training steps of the (a) models")
     parser.add_argument("--ablation-steps", type=int, default=150, help="training steps of the (c) models")
     parser.add_argument("--seed", type=int, default=0)
