@@ -133,7 +133,9 @@ class GenerateArguments:
     seed: int = field(default=0, metadata={"help": "Seed of sampling."})
     live: bool = field(default=True, metadata={"help": "Show the denoising live when stdout is a terminal."})
     trajectory: str | None = field(default=None, metadata={"help": "Save a PNG of the denoising trajectory here."})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
+    dtype: str = field(
+        default="float32", metadata={"help": "float32, bfloat16 or float16 (bfloat16 is slow on CPUs)."}
+    )
 
 
 @dataclass
@@ -160,6 +162,9 @@ class EvalArguments:
         default=None, metadata={"help": "Comma-separated lm-eval tasks, run through lm-evaluation-harness instead."}
     )
     limit: int | None = field(default=None, metadata={"help": "Examples per lm-eval task."})
+    dtype: str = field(
+        default="float32", metadata={"help": "float32, bfloat16 or float16 (bfloat16 is slow on CPUs)."}
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -802,7 +807,7 @@ def evaluate(argv: list[str]) -> int:
             raise CommandError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.max_length < 2:
         raise CommandError(f"--max_length must be >= 2, got {args.max_length}.")
-    model, tokenizer = _load_diffusion(args.model)
+    model, tokenizer = _load_diffusion(args.model, _dtype(args.dtype))
     if args.dataset_name is None:
         # modules outside the default training sample (the first 100 of the same ranking)
         texts = stdlib_texts(num_files=args.num_texts, skip=ConvertArguments.stdlib_files)[: args.num_texts]
@@ -842,7 +847,7 @@ def evaluate(argv: list[str]) -> int:
     else:
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(model.config.base_model_name_or_path).eval()
+        base = AutoModelForCausalLM.from_pretrained(model.config.base_model_name_or_path, dtype=model.dtype).eval()
         ar = ar_nll_per_token(base, texts_ids, prefix, args.max_length)
     print("| model | NLL per token (nats) | perplexity |\n|---|---|---|")
     print(f"| AR base (exact) | {ar:.3f} | {math.exp(ar):.2f} |")
