@@ -653,6 +653,16 @@ class LiveView:
         self.previous = None
         self.lines = 0
         self.drafts = 0
+        # A token's text is read after a fixed anchor token, so that SentencePiece word starts keep their space.
+        self.anchor = tokenizer("a", add_special_tokens=False).input_ids[:1]
+        self.anchor_text = tokenizer.decode(self.anchor)
+        self.pieces: dict[int, str] = {}
+
+    def piece(self, token: int) -> str:
+        if token not in self.pieces:
+            text = self.tokenizer.decode(self.anchor + [token], skip_special_tokens=True)
+            self.pieces[token] = text[len(self.anchor_text) :]
+        return self.pieces[token]
 
     def put(self, value) -> None:
         pass
@@ -664,7 +674,7 @@ class LiveView:
             if token == self.mask_token_id:
                 pieces.append("\033[2m░\033[0m")
                 continue
-            text = self.tokenizer.decode([token], skip_special_tokens=True)
+            text = self.piece(token)
             new = self.previous is not None and self.previous[index] == self.mask_token_id
             pieces.append(f"\033[1;32m{text}\033[0m" if new else text)
             if token in self.eos:
