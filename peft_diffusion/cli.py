@@ -92,7 +92,9 @@ class ConvertArguments:
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a folder / Hub dataset."})
-    text_field: str = field(default="text", metadata={"help": "Column holding the text."})
+    text_field: str | None = field(
+        default=None, metadata={"help": "Column holding the text (default: `dataset_text_field`, 'text')."}
+    )
     stdlib_files: int = field(default=100, metadata={"help": "Modules sampled for the default data."})
     full: bool = field(default=False, metadata={"help": "Full finetuning instead of LoRA."})
     max_train_minutes: float | None = field(
@@ -295,13 +297,13 @@ def convert(argv: list[str]) -> int:
     if training_args.output_dir in (None, "trainer_output"):
         training_args.output_dir = f"{name}-diffusion"
     diffusion_config = diffusion_args.to_config()
+    training_args.dataset_text_field = script_args.text_field or training_args.dataset_text_field
     dataset = load_text_dataset(
         script_args.dataset_name,
         split=script_args.dataset_split,
-        text_field=script_args.text_field,
+        text_field=training_args.dataset_text_field,
         num_files=script_args.stdlib_files,
     )
-    training_args.dataset_text_field = script_args.text_field
     source = script_args.dataset_name or f"{script_args.stdlib_files} standard-library modules"
     print(f"model: {model_path}\ndata: {source}, {len(dataset)} texts\noutput: {training_args.output_dir}")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -708,7 +710,10 @@ def _load_diffusion(path: str, dtype=None):
     if os.path.isdir(os.path.expanduser(path)):
         path = os.path.expanduser(path)
         config_file = os.path.join(path, "config.json")
-        is_full = os.path.isfile(config_file) and json.load(open(config_file)).get("model_type") == "diffusion_lm"
+        is_full = False
+        if os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as handle:
+                is_full = json.load(handle).get("model_type") == "diffusion_lm"
         if not is_full and not os.path.isfile(os.path.join(path, DIFFUSION_CONFIG_NAME)):
             raise CommandError(
                 f"--model {path!r} is not a converted diffusion model (no {DIFFUSION_CONFIG_NAME}); convert it first: "

@@ -140,6 +140,9 @@ def test_yaml_config_equals_flags_and_flags_override_it(tmp_path):
     from_yaml = cli._parse(convert_parser(), ["--config", str(path)])
     for a, b in zip(from_flags, from_yaml):
         assert dataclasses.asdict(a) == dataclasses.asdict(b)
+    # the text column may also be named with SFTConfig's own flag
+    script_args, _, training_args, _ = cli._parse(convert_parser(), ["--dataset_text_field", "body"])
+    assert (script_args.text_field or training_args.dataset_text_field) == "body"
     overridden = cli._parse(convert_parser(), ["--config", str(path), "--block_size", "32"])
     assert overridden[1].block_size == 32 and overridden[1].attention == "annealed"
 
