@@ -40,7 +40,7 @@ from .attention import (
 )
 from .config import DEFAULT_MASK_TOKEN, DiffusionConfig
 from .loss import diffusion_loss
-from .noise import complementary, corrupt, masked_corruption, sample_time
+from .noise import complementary, corrupt, group_time, masked_corruption, sample_time
 
 logger = logging.getLogger(__name__)
 
@@ -404,7 +404,9 @@ class DiffusionLM(PreTrainedModel):
         """The masked-diffusion loss (DiffuLLaMA eq. for L_t, MDLM): corrupt the targets, predict them, weight by 1/t.
 
         1. targets: `labels != -100`, minus the first token of every document under shift (nothing precedes it);
-        2. time: one t per sequence, or per block under block attention; drawn unless given;
+        2. time: drawn unless given, one t per document, or per block of each document under block attention
+           (`noise.group_time`: packed documents and left padding follow positions, as the attention does); a given
+           `t` is per sequence, per column block or per token;
         3. corruption: the masking policy of the config (`noise.corrupt`), or the given `is_masked`;
            optionally the complementary copy;
         4. logits on x_t (two-stream `[x_t ; x_0]` under block attention with clean context);
@@ -421,23 +423,23 @@ class DiffusionLM(PreTrainedModel):
         is_target = labels != -100  # [B, L]
         if attention_mask is not None:
             is_target &= attention_mask.bool()
+        positions, doc_ids = positions_from_inputs(attention_mask, position_ids, batch_size, length, input_ids.device)
         if config.shift:
-            positions, _ = positions_from_inputs(attention_mask, position_ids, batch_size, length, input_ids.device)
             is_target &= positions > 0  # [B, L]
-        # 2. time
+        # 2. time: one per block of each document (block attention) or per document, the groups of the attention
         block_size = config.block_size if config.attention == "block" else None
-        num_blocks = -(-length // block_size) if block_size else 1
         if t is None:
             if is_masked is not None:
                 raise ValueError("An explicit `is_masked` needs the time `t` it was drawn at.")
-            t = sample_time(
+            draws = sample_time(
                 batch_size,
-                num_blocks,
+                length,
                 eps=time_eps,
                 antithetic=antithetic_time,
                 generator=generator,
                 device=input_ids.device,
-            )  # [B, nb]
+            )  # [B, L]
+            t = group_time(draws, positions, doc_ids, block_size)  # [B, L]
         # 3. corruption
         if is_masked is None:
             corruption = corrupt(
@@ -450,6 +452,7 @@ class DiffusionLM(PreTrainedModel):
                 strength=config.masking_strength,
                 block_size=block_size,
                 generator=generator,
+                positions=positions,
             )
         else:
             corruption = masked_corruption(
@@ -462,6 +465,7 @@ class DiffusionLM(PreTrainedModel):
                 masking=config.masking,
                 strength=config.masking_strength,
                 block_size=block_size,
+                positions=positions,
             )
         corruptions = [corruption]
         if complementary_masking:

@@ -52,6 +52,7 @@ __all__ = [
     "expand_time",
     "get_masking_policy",
     "get_noise_schedule",
+    "group_time",
     "position_dependent_masking",
     "register_masking_policy",
     "register_noise_schedule",
@@ -254,14 +255,15 @@ def sample_time(
 
 
 def expand_time(t: torch.Tensor, seq_len: int, block_size: int | None = None) -> torch.Tensor:
-    """Per-token time from a per-sequence or per-block time.
+    """Per-token time from a per-sequence, per-block or per-token time.
 
-    Block `b` covers positions `b * block_size .. (b + 1) * block_size - 1`; the last block may be shorter.
+    Block `b` covers columns `b * block_size .. (b + 1) * block_size - 1`; the last block may be shorter. A `t` with
+    one column per token (`[B, L]`, e.g. from `group_time`) is already per token and is returned as it is.
 
     Args:
-        t (`torch.Tensor` of shape `[B]`, `[B, 1]` or `[B, nb]`): time per sequence, or per block.
+        t (`torch.Tensor` of shape `[B]`, `[B, 1]`, `[B, nb]` or `[B, L]`): time per sequence, per block or per token.
         seq_len (`int`): sequence length `L`.
-        block_size (`int`, *optional*): tokens per block; required when `nb > 1`, and then
+        block_size (`int`, *optional*): tokens per block; required when `1 < nb < L`, and then
             `nb == ceil(seq_len / block_size)`.
 
     Returns:
@@ -284,6 +286,8 @@ def expand_time(t: torch.Tensor, seq_len: int, block_size: int | None = None) ->
     num_blocks = t.shape[1]
     if num_blocks == 1:
         return t.expand(-1, seq_len).contiguous()  # [B, L]
+    if num_blocks == seq_len:
+        return t  # already one time per token
     if block_size is None:
         raise ValueError(
             f"`t` has {num_blocks} times per sequence (shape {tuple(t.shape)}) but `block_size` is None; pass the "
@@ -296,6 +300,49 @@ def expand_time(t: torch.Tensor, seq_len: int, block_size: int | None = None) ->
             f"block_size={block_size}, got shape {tuple(t.shape)}; use sample_time(batch_size, {expected})."
         )
     return t.repeat_interleave(block_size, dim=1)[:, :seq_len]  # [B, L]
+
+
+def group_time(
+    draws: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor, block_size: int | None = None
+) -> torch.Tensor:
+    """Per-token time with one time per noise group: a block of a document, or a whole document.
+
+    Under packing (several documents per row) and left padding, the blocks of the attention pattern follow token
+    positions inside each document, not columns. The noise must follow the same groups: every block of every
+    document gets its own time (BD3-LM, Efficient-DLM), and without blocks every document gets its own time.
+    Token `i` reads the draw at the first column of its group, so the times of different groups are independent.
+
+    Args:
+        draws (`torch.Tensor` of shape `[B, L]`): one time per column (`sample_time(B, L)`).
+        positions (`torch.LongTensor` of shape `[B, L]`): position of each token inside its document.
+        doc_ids (`torch.LongTensor` of shape `[B, L]`): document of each token (a change starts a new group).
+        block_size (`int`, *optional*): tokens per block; groups are `(document, position // block_size)`.
+
+    Returns:
+        `torch.Tensor` of shape `[B, L]`: the time of each token's group.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from peft_diffusion.noise import group_time
+    >>> draws = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+    >>> positions, doc_ids = torch.tensor([[0, 1, 2, 0, 1, 2]]), torch.tensor([[0, 0, 0, 1, 1, 1]])
+    >>> group_time(draws, positions, doc_ids, block_size=2)
+    tensor([[0.1000, 0.1000, 0.3000, 0.4000, 0.4000, 0.6000]])
+    ```
+    """
+    if not draws.shape == positions.shape == doc_ids.shape:
+        raise ValueError(
+            f"`draws`, `positions` and `doc_ids` must have one shape [B, L], got {tuple(draws.shape)}, "
+            f"{tuple(positions.shape)} and {tuple(doc_ids.shape)}."
+        )
+    starts = torch.ones_like(positions, dtype=torch.bool)  # [B, L]
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    if block_size is not None:
+        starts |= positions % block_size == 0
+    columns = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)  # [B, L]
+    group_start = torch.where(starts, columns, 0).cummax(dim=-1).values  # [B, L]
+    return draws.gather(1, group_start)  # [B, L]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -510,7 +557,7 @@ def apply_mask(input_ids: torch.Tensor, is_masked: torch.Tensor, mask_token_id: 
     return input_ids.masked_fill(is_masked, mask_token_id)  # [B, L]
 
 
-def _token_probabilities(input_ids, is_target, t, schedule, masking, strength, block_size):
+def _token_probabilities(input_ids, is_target, t, schedule, masking, strength, block_size, positions=None):
     """Steps 1-3 of `corrupt`: per-token time, and the policy's `mask_prob` and `elbo_weight` (all [B, L])."""
     batch_size, seq_len = input_ids.shape
     schedule = get_noise_schedule(schedule)
@@ -521,11 +568,15 @@ def _token_probabilities(input_ids, is_target, t, schedule, masking, strength, b
     t_tokens = expand_time(t, seq_len, block_size).to(input_ids.device)  # [B, L]
     if not t_tokens.is_floating_point():
         t_tokens = t_tokens.float()
-    # 2. positions inside each block, or inside the sequence
-    positions = torch.arange(seq_len, device=input_ids.device)  # [L]
+    # 2. positions inside each block, or inside the sequence (document)
+    if positions is None:
+        positions = torch.arange(seq_len, device=input_ids.device).expand(batch_size, -1)  # [B, L]
+    elif positions.shape != input_ids.shape:
+        raise ValueError(
+            f"`positions` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(positions.shape)}."
+        )
     if block_size is not None:
-        positions = positions % block_size  # [L]
-    positions = positions.expand(batch_size, -1)  # [B, L]
+        positions = positions % block_size  # [B, L]
     # 3. per-token mask probability and ELBO weight
     mask_prob, weight = policy(t_tokens, schedule, positions, is_target, strength)  # [B, L], [B, L]
     return t_tokens, mask_prob, weight
@@ -542,6 +593,7 @@ def masked_corruption(
     masking: str | MaskingPolicy = "uniform",
     strength: float = 0.0,
     block_size: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> Corruption:
     """A `Corruption` with given masked positions (drawn elsewhere at time `t`): tests and likelihood estimators.
 
@@ -551,12 +603,15 @@ def masked_corruption(
         input_ids (`torch.LongTensor` of shape `[B, L]`): clean tokens `x_0`.
         is_target (`torch.BoolTensor` of shape `[B, L]`): tokens scored by the loss.
         is_masked (`torch.BoolTensor` of shape `[B, L]`): positions to mask.
-        t (`torch.Tensor` of shape `[B]`, `[B, 1]` or `[B, num_blocks]`): the time of the draw.
+        t (`torch.Tensor` of shape `[B]`, `[B, 1]`, `[B, num_blocks]` or `[B, L]`): the time of the draw.
+        positions (`torch.LongTensor` of shape `[B, L]`, *optional*): position of each token inside its document.
 
     Returns:
         `Corruption` with `[B, L]` fields.
     """
-    t_tokens, mask_prob, weight = _token_probabilities(input_ids, is_target, t, schedule, masking, strength, block_size)
+    t_tokens, mask_prob, weight = _token_probabilities(
+        input_ids, is_target, t, schedule, masking, strength, block_size, positions
+    )
     is_masked = is_masked.bool() & is_target  # [B, L]
     return Corruption(
         noisy_ids=apply_mask(input_ids, is_masked, mask_token_id),
@@ -578,6 +633,7 @@ def corrupt(
     strength: float = 0.0,
     block_size: int | None = None,
     generator: torch.Generator | None = None,
+    positions: torch.Tensor | None = None,
 ) -> Corruption:
     """Draw `x_t ~ q(x_t | x_0)`: mask target tokens independently with their `mask_prob`.
 
@@ -589,13 +645,16 @@ def corrupt(
     Args:
         input_ids (`torch.LongTensor` of shape `[B, L]`): clean tokens `x_0`.
         is_target (`torch.BoolTensor` of shape `[B, L]`): tokens scored by the loss, `labels != -100`.
-        t (`torch.Tensor` of shape `[B]`, `[B, 1]` or `[B, num_blocks]`): time per sequence or per block, in (0, 1].
+        t (`torch.Tensor` of shape `[B]`, `[B, 1]`, `[B, num_blocks]` or `[B, L]`): time per sequence, per block or
+            per token (`group_time`), in (0, 1].
         mask_token_id (`int`): id of the mask token.
         schedule (`str` or `NoiseSchedule`, defaults to `"linear"`): the noise schedule.
         masking (`str` or `MaskingPolicy`, defaults to `"uniform"`): the masking policy.
         strength (`float`, defaults to 0.0): strength of the masking policy (`position_dependent`'s beta).
         block_size (`int`, *optional*): block length; makes positions (and per-block times) block-relative.
         generator (`torch.Generator`, *optional*): source of randomness.
+        positions (`torch.LongTensor` of shape `[B, L]`, *optional*): position of each token inside its document
+            (packing, left padding), read by the masking policy; defaults to the column index.
 
     Returns:
         `Corruption` with `[B, L]` fields.
@@ -624,7 +683,9 @@ def corrupt(
             "sequence needs at least one target; drop these examples or check the completion mask and truncation."
         )
     # 1.-3. per-token time, positions, mask probability and ELBO weight
-    t_tokens, mask_prob, weight = _token_probabilities(input_ids, is_target, t, schedule, masking, strength, block_size)
+    t_tokens, mask_prob, weight = _token_probabilities(
+        input_ids, is_target, t, schedule, masking, strength, block_size, positions
+    )
     # 4. independent Bernoulli masking of target tokens only
     u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)  # [B, L]
     is_masked = (u < mask_prob) & is_target  # [B, L]

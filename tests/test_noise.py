@@ -16,6 +16,7 @@ from peft_diffusion.noise import (
     expand_time,
     get_masking_policy,
     get_noise_schedule,
+    group_time,
     position_dependent_masking,
     register_masking_policy,
     register_noise_schedule,
@@ -155,6 +156,42 @@ def test_expand_time_rejects_shapes_that_do_not_fit():
         expand_time(torch.rand(2, 2, 2), 6)
     with pytest.raises(ValueError, match="block_size"):
         expand_time(torch.rand(2, 1), 6, block_size=0)
+
+
+def test_group_time_gives_each_block_of_each_document_its_own_draw():
+    draws = torch.arange(1, 11, dtype=torch.float32)[None] / 10  # [1, 10]: 0.1 .. 1.0
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])  # two packed documents of 5 tokens
+    doc_ids = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    by_block = group_time(draws, positions, doc_ids, block_size=2)
+    assert torch.equal(by_block, torch.tensor([[0.1, 0.1, 0.3, 0.3, 0.5, 0.6, 0.6, 0.8, 0.8, 1.0]]))
+    by_document = group_time(draws, positions, doc_ids)
+    assert torch.equal(by_document, torch.tensor([[0.1] * 5 + [0.6] * 5]))
+    # a per-token time goes through expand_time unchanged
+    assert torch.equal(expand_time(by_block, 10, block_size=2), by_block)
+    with pytest.raises(ValueError, match="one shape"):
+        group_time(draws[:, :5], positions, doc_ids)
+
+
+def test_corrupt_reads_positions_inside_packed_documents():
+    input_ids = torch.arange(3, 13)[None]  # [1, 10]
+    is_target = torch.ones_like(input_ids, dtype=torch.bool)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
+    t = torch.full((1, 10), 0.3)
+    packed = corrupt(
+        input_ids, is_target, t, mask_token_id=0, masking="position_dependent", strength=2.0, positions=positions
+    )
+    # the second document's tokens are masked like the first one's, not like positions 5..9
+    torch.testing.assert_close(packed.mask_prob[:, 5:], packed.mask_prob[:, :5])
+    single = corrupt(
+        input_ids[:, :5], is_target[:, :5], t[:, :5], mask_token_id=0, masking="position_dependent", strength=2.0
+    )
+    torch.testing.assert_close(packed.mask_prob[:, :5], single.mask_prob)
+    assert not torch.allclose(
+        corrupt(input_ids, is_target, t, mask_token_id=0, masking="position_dependent", strength=2.0).mask_prob[:, 5:],
+        single.mask_prob,
+    )
+    with pytest.raises(ValueError, match="`positions` must have the shape"):
+        corrupt(input_ids, is_target, t, mask_token_id=0, positions=positions[:, :5])
 
 
 # ------------------------------------------------------------------------------------------------ masking policies

@@ -9,6 +9,7 @@ from peft import LoraConfig
 
 from peft_diffusion import DiffusionConfig, get_diffusion_model
 from peft_diffusion.attention import annealing_ratio
+from peft_diffusion.noise import corrupt, group_time, sample_time
 
 
 def batch(seed=0, length=8):
@@ -62,6 +63,45 @@ def test_sampled_corruption_touches_only_targets_and_is_seeded():
     again = model(input_ids=input_ids, labels=labels, generator=torch.Generator().manual_seed(1)).loss
     other = model(input_ids=input_ids, labels=labels, generator=torch.Generator().manual_seed(2)).loss
     assert first == again and first != other
+
+
+@pytest.mark.parametrize("masking", ["uniform", "position_dependent"])
+def test_packed_documents_are_noised_per_document_block(masking):
+    """Under padding-free packing, times and positions follow the documents' blocks, as the attention does."""
+    strength = 1.0 if masking == "position_dependent" else 0.0
+    config = DiffusionConfig(
+        attention="block", block_size=4, shift=True, mask_token_id=MASK_ID, masking=masking, masking_strength=strength
+    )
+    model = get_diffusion_model(tiny_causal_lm("llama"), config).eval()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, MASK_ID - 1, (1, 12), generator=generator)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]])  # two documents of 6 tokens
+    labels = input_ids.clone()
+    drawn = model(
+        input_ids=input_ids, labels=labels, position_ids=position_ids, generator=torch.Generator().manual_seed(7)
+    )
+
+    # By hand: one draw per column, read at the first column of each (document, block) group; positions restart.
+    generator = torch.Generator().manual_seed(7)
+    t = group_time(sample_time(1, 12, generator=generator), position_ids, torch.tensor([[0] * 6 + [1] * 6]), 4)
+    assert torch.equal(t[0, 6:10], t[0, 6].expand(4)) and t[0, 6] != t[0, 4] and t[0, 4] != t[0, 0]
+    is_target = torch.ones_like(input_ids, dtype=torch.bool)
+    is_target[0, [0, 6]] = False  # document starts have no left neighbour under the shift
+    corruption = corrupt(
+        input_ids,
+        is_target,
+        t,
+        mask_token_id=MASK_ID,
+        masking=masking,
+        strength=strength,
+        block_size=4,
+        generator=generator,
+        positions=position_ids,
+    )
+    given = model(input_ids=input_ids, labels=labels, position_ids=position_ids, t=t, is_masked=corruption.is_masked)
+    assert corruption.is_masked.any()
+    torch.testing.assert_close(drawn.loss, given.loss, rtol=0, atol=0)
+    torch.testing.assert_close(drawn.metrics["mean_t"], (t * is_target).sum() / is_target.sum())
 
 
 def test_complementary_masking_scores_every_target_once():
