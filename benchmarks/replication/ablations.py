@@ -7,7 +7,7 @@ at the end. The bound is each model's own: block-attention models are scored blo
 the clean earlier ones), bidirectional models as one group, so a block model's bound is a different (tighter)
 quantity of the same kind -- compare arms with the same attention for the other factors.
 
-    python benchmarks/replication/ablations.py                  # 9 arms, one seed, 150 steps, ~45 min on 1 thread
+    python benchmarks/replication/ablations.py                  # 8 arms, one seed, 150 steps, ~40 min on 1 thread
     python benchmarks/replication/ablations.py --arms bidir-shift-full bidir-noshift-full
 """
 
@@ -48,10 +48,6 @@ def arms(max_steps: int) -> dict[str, tuple[str, RunSpec]]:
         "block16-clean-shift-posdep": (
             "block 16 + clean context, position-dependent masking (strength 1)",
             replace(block, name="block16-clean-shift-posdep", masking="position_dependent", masking_strength=1.0),
-        ),
-        "block16-clean-shift-lora16": (
-            "block 16 + clean context, LoRA r=16, lr 3e-3",
-            replace(block, name="block16-clean-shift-lora16", lora_r=16, learning_rate=3e-3),
         ),
     }
 
