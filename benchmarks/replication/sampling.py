@@ -21,6 +21,7 @@ at little quality cost.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -146,43 +147,9 @@ def threshold_sweep(models: dict, ar, tokenizer, prompts: list[list[int]]) -> di
     return results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--num-prompts", type=int, default=16, help="prompts of the threshold sweep")
-    parser.add_argument("--adaptation-steps", type=int, default=300, help="training steps of the (a) models")
-    parser.add_argument("--ablation-steps", type=int, default=150, help="training steps of the (c) models")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, default=common.DEFAULT_CACHE)
-    parser.add_argument("--out", type=Path, default=common.DOCS_DIR)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    common.require_shared()
-    plt = common.require_matplotlib()
-    common.set_threads(args.threads)
-    corpus = common.load_corpus(args.cache)
-    tokenizer = common.load_tokenizer()
-    ar = common.load_ar()
-    models = args.cache / "models"
-    bidir_spec = arms(args.adaptation_steps)["bidir-shift-full"][1]
-    bidir, _ = common.get_trained(replace(bidir_spec, seed=0), corpus, models)
-    block_spec = arms(args.ablation_steps)["block16-clean-shift-full"][1]
-    block, _ = common.get_trained(replace(block_spec, seed=0), corpus, models)
-    prompts = prompts_of(corpus, tokenizer, max(args.num_samples, args.num_prompts))
-
-    reference = quality([" ".join(story.split()[:100]) for story in corpus.heldout], ar, tokenizer)
-    print(
-        f"held-out stories (first 100 words): gen PPL {reference['gen_ppl']:.2f} Distinct-2 {reference['distinct2']:.3f}"
-    )
-    sweep = t_sweep(bidir, ar, tokenizer, prompts, args.num_samples, args.seed)
-    thresholds = threshold_sweep(
-        {"block16 (KV cache)": (block, 16), "bidirectional (blocks of 32)": (bidir, 32)},
-        ar,
-        tokenizer,
-        prompts[: args.num_prompts],
-    )
-    results = {"heldout_text": reference, "t_sweep": sweep, "threshold_sweep": thresholds}
-    common.save_json(args.out / "sampling.json", results)
+def report(results: dict, out: Path, plt) -> None:
+    """Print the two tables and draw the two plots from the results of `main` (or `sampling.json`)."""
+    reference, sweep, thresholds = results["heldout_text"], results["t_sweep"], results["threshold_sweep"]
 
     print("\nGenerative perplexity (under the AR checkpoint) and Distinct-2 vs denoising steps T, 128 new tokens:")
     rows = []
@@ -230,14 +197,15 @@ def main():
         axes[0, column].set_title(f"{condition}, 128 tokens")
         axes[1, column].set_xlabel("denoising steps T")
         axes[1, column].set_xscale("log", base=2)
+        axes[0, column].set_yscale("log")
     axes[0, 0].set_ylabel("generative PPL (AR stories260K)")
     axes[1, 0].set_ylabel("Distinct-2")
     axes[0, 0].legend(fontsize=8)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out / "sampling_steps.png", dpi=120)
-    print(f"wrote {args.out / 'sampling_steps.png'}")
+    fig.savefig(out / "sampling_steps.png", dpi=120)
+    print(f"wrote {out / 'sampling_steps.png'}")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, color in (("block16 (KV cache)", "tab:purple"), ("bidirectional (blocks of 32)", "tab:blue")):
@@ -255,14 +223,59 @@ def main():
             )
         ax.plot(xs, ys, "o-", color=color, label=label)
     ax.plot([1.0], [thresholds["ar/greedy"]["gen_ppl"]], "k*", ms=10, label="AR greedy")
+    ax.set_yscale("log")
     ax.set_xlabel("generated tokens per forward pass")
     ax.set_ylabel("generative PPL (AR stories260K)")
     ax.set_title("threshold decoding, greedy, prompted (labels: threshold)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out / "sampling_threshold.png", dpi=120)
-    print(f"wrote {args.out / 'sampling_threshold.png'}")
+    fig.savefig(out / "sampling_threshold.png", dpi=120)
+    print(f"wrote {out / 'sampling_threshold.png'}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--num-prompts", type=int, default=16, help="prompts of the threshold sweep")
+    parser.add_argument("--adaptation-steps", type=int, default=300, help="training steps of the (a) models")
+    parser.add_argument("--ablation-steps", type=int, default=150, help="training steps of the (c) models")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=common.DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=common.DOCS_DIR)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot-only", action="store_true", help="redraw tables and plots from <out>/sampling.json")
+    args = parser.parse_args()
+    plt = common.require_matplotlib()
+    if args.plot_only:
+        report(json.loads((args.out / "sampling.json").read_text()), args.out, plt)
+        return
+    common.require_shared()
+    common.set_threads(args.threads)
+    corpus = common.load_corpus(args.cache)
+    tokenizer = common.load_tokenizer()
+    ar = common.load_ar()
+    models = args.cache / "models"
+    bidir_spec = arms(args.adaptation_steps)["bidir-shift-full"][1]
+    bidir, _ = common.get_trained(replace(bidir_spec, seed=0), corpus, models)
+    block_spec = arms(args.ablation_steps)["block16-clean-shift-full"][1]
+    block, _ = common.get_trained(replace(block_spec, seed=0), corpus, models)
+    prompts = prompts_of(corpus, tokenizer, max(args.num_samples, args.num_prompts))
+
+    reference = quality([" ".join(story.split()[:100]) for story in corpus.heldout], ar, tokenizer)
+    print(
+        f"held-out stories (first 100 words): gen PPL {reference['gen_ppl']:.2f} Distinct-2 {reference['distinct2']:.3f}"
+    )
+    sweep = t_sweep(bidir, ar, tokenizer, prompts, args.num_samples, args.seed)
+    thresholds = threshold_sweep(
+        {"block16 (KV cache)": (block, 16), "bidirectional (blocks of 32)": (bidir, 32)},
+        ar,
+        tokenizer,
+        prompts[: args.num_prompts],
+    )
+    results = {"heldout_text": reference, "t_sweep": sweep, "threshold_sweep": thresholds}
+    common.save_json(args.out / "sampling.json", results)
+    report(results, args.out, plt)
 
 
 if __name__ == "__main__":
