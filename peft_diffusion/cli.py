@@ -491,14 +491,12 @@ def _grid(model) -> int | None:
 def infill_example(model, tokenizer, example=INFILL_EXAMPLE) -> dict:
     """Fill a masked span between fixed text and print it; honest about what the attention pattern can see.
 
-    Bidirectional / annealed models: `DiffusionLM.infill` with the whole suffix. Block attention: a block-causal
-    model sees the text after a gap only inside the gap's own block, so the input is the prefix, the gap and the
-    suffix up to the end of that block (later blocks could not influence the gap anyway), decoded one token per
-    forward, most confident first.
+    `DiffusionLM.infill`, one token per forward, most confident first. Bidirectional / annealed models read the whole
+    suffix. Block attention: a block-causal model sees the text after a gap only inside the gap's own block, so the
+    input is the prefix, the gap and the suffix up to the end of that block (later blocks could not influence the
+    gap anyway).
     """
     import torch
-
-    from . import samplers
 
     prefix, middle, suffix = example
     prefix_ids = tokenizer(prefix, return_tensors="pt").input_ids  # [1, P]
@@ -519,22 +517,8 @@ def infill_example(model, tokenizer, example=INFILL_EXAMPLE) -> dict:
         suffix = tokenizer.decode(suffix_ids[0])
     input_ids = torch.cat([prefix_ids, torch.full((1, gap), mask_token_id), suffix_ids], dim=1)  # [1, T]
     with torch.no_grad():
-        if grid is None:
-            out = model.infill(input_ids, return_dict_in_generate=True)
-            filled, nfe = out.sequences, out.nfe
-        else:
-            filled, nfe = input_ids.clone(), 0
-            block_ids = torch.arange(input_ids.shape[1]) // grid  # [T]
-            while bool((filled == mask_token_id).any()):
-                is_masked = filled == mask_token_id  # [1, T]
-                first_block = block_ids[is_masked[0]].min()
-                is_active = is_masked & (block_ids == first_block)  # [1, T], leftmost block first
-                logits = model(input_ids=filled).logits  # [1, T, V]
-                nfe += 1
-                tokens, commit = samplers.step(
-                    logits, is_active, torch.ones(1, dtype=torch.long), mask_token_id=mask_token_id
-                )
-                filled = torch.where(commit, tokens, filled)
+        out = model.infill(input_ids, return_dict_in_generate=True)
+    filled, nfe = out.sequences, out.nfe
     answer = tokenizer.decode(filled[0, num_prefix : num_prefix + gap])
     right = tokenizer.decode(suffix_ids[0])
     print("\n=== Infilling (the gap holds as many mask tokens as the reference) ===")

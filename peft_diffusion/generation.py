@@ -310,15 +310,20 @@ def infill(
     generator: torch.Generator | None = None,
     **kwargs,
 ) -> torch.LongTensor | DiffusionGenerateOutput:
-    r"""Fill every mask token of `input_ids`, keeping all other tokens fixed (bidirectional attention only).
+    r"""Fill every mask token of `input_ids`, keeping all other tokens fixed.
 
     Build the input from the text before and after a gap of `n` tokens, e.g.
     `torch.cat([prefix_ids, torch.full((1, n), model.config.mask_token_id), suffix_ids], dim=1)`; several gaps per
-    row work too. Blocks run over the masked positions in reading order (`block_length` of them per block, all of
-    them by default); `steps` defaults to the number of masked positions. There is no EOS stop.
+    row work too. `steps` defaults to the number of masked positions (one token per step). There is no EOS stop.
+
+    - Bidirectional / annealed models read the whole text on both sides of every gap. Blocks run over the masked
+      positions in reading order (`block_length` of them per block, all of them by default).
+    - Block attention: a block-causal model reads the text after a gap only inside the gap's own attention block
+      (`position // block_size`); later blocks cannot influence it. The blocks that hold gaps are filled left to
+      right (`block_length` is not used), each with steps in proportion to its masked positions.
 
     Args:
-        model (`DiffusionLM`): a diffusion LM with `attention="bidirectional"` or `"annealed"`.
+        model (`DiffusionLM`): a diffusion LM (any attention pattern; see above for what a gap can read).
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): text with mask tokens at the gaps.
         attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 0 for padding.
         generation_config (`GenerationConfig`, *optional*), generator (`torch.Generator`, *optional*), kwargs: as in
@@ -341,11 +346,6 @@ def infill(
     ([1, 5, 9], False)
     ```
     """
-    if model.config.attention == "block":
-        raise ValueError(
-            "`infill` needs bidirectional attention, got attention='block': a block-causal model cannot read the "
-            "text after a gap. Use a model converted with DiffusionConfig(attention='bidirectional') or 'annealed'."
-        )
     config = _resolve_config(model, generation_config, kwargs)
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("`input_ids` must be a `(batch_size, sequence_length)` LongTensor with mask tokens to fill.")
@@ -358,15 +358,30 @@ def infill(
     most = int(num_gaps.max())
     if most == 0:
         raise ValueError(f"`input_ids` holds no mask token (id {model.config.mask_token_id}): nothing to infill.")
-    block_length = config.block_length or most
-    num_blocks = math.ceil(most / block_length)
     steps = config.steps or most
+    if model.config.attention == "block":
+        # The model's attention blocks, aligned at each row's first real token (as in training).
+        positions = (is_real.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        block_ids = positions // model.config.block_size  # [B, T]
+        blocks = torch.unique(block_ids[is_generated]).tolist()  # blocks holding a gap, left to right
+        per_block = torch.zeros(batch_size, int(block_ids.max()) + 1, dtype=torch.long, device=device)
+        per_block.scatter_add_(1, block_ids, is_generated.long())  # [B, nb] masked positions per block
+        block_length = int(per_block.max())  # steps are split in proportion to each block's masked positions
+    else:
+        block_length = config.block_length or most
+        block_ids = (is_generated.long().cumsum(-1) - 1).clamp(min=0) // block_length  # [B, T], reading order
+        blocks = range(math.ceil(most / block_length))
+    num_blocks = len(blocks)
     if steps < num_blocks:
         raise ValueError(
-            f"`steps` must be at least the number of blocks ceil(num_masked / block_length) = {num_blocks}, got "
-            f"steps={steps}; use steps >= {num_blocks} or a larger block_length."
+            f"`steps` must be at least the number of blocks holding masked positions ({num_blocks}), got "
+            f"steps={steps}; use steps >= {num_blocks}"
+            + ("." if model.config.attention == "block" else " or a larger block_length.")
         )
-    block_ids = (is_generated.long().cumsum(-1) - 1).clamp(min=0) // block_length  # [B, T], reading order
+    if model.config.attention == "block":
+        steps_per_block = math.ceil(steps * block_length / most)
+    else:
+        steps_per_block = steps // num_blocks
     _, pad_id = _special_ids(model, config, device)
     canvas, nfe, history = _denoise(
         model,
@@ -374,8 +389,8 @@ def infill(
         is_real,
         is_generated,
         block_ids,
-        range(num_blocks),
-        steps_per_block=steps // num_blocks,
+        blocks,
+        steps_per_block=steps_per_block,
         block_length=block_length,
         config=config,
         use_cache=False,
@@ -402,7 +417,7 @@ def _denoise(
     is_real: torch.Tensor,
     is_generated: torch.Tensor,
     block_ids: torch.Tensor,
-    blocks: range,
+    blocks: range | list[int],
     *,
     steps_per_block: int,
     block_length: int,

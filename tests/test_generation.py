@@ -387,14 +387,37 @@ def test_bad_generate_arguments(kwargs, match):
         generate(model, prompts(1, 4), **kwargs)
 
 
+@pytest.mark.parametrize("shift", [True, False])
+def test_infill_under_block_attention_reads_only_the_gap_block(shift):
+    model = diffusion_model("llama", attention="block", shift=shift, block_size=4)
+    text = prompts(2, 12)
+    input_ids = text.clone()
+    input_ids[:, [2, 3, 9]] = MASK_ID  # gaps in block 0 (columns 2-3) and block 2 (column 9)
+    out = model.infill(input_ids, return_dict_in_generate=True)
+    is_fixed = input_ids != MASK_ID
+    assert torch.equal(out.sequences[is_fixed], input_ids[is_fixed])
+    assert not (out.sequences == MASK_ID).any()
+    assert out.nfe == 3  # one token per step by default, block by block
+    # Blocks are filled left to right: block 0's gap first, block 2's last.
+    out = model.infill(input_ids, return_dict_in_generate=True, output_history=True)
+    is_open = out.history == MASK_ID  # [steps, B, T]
+    assert is_open[:2, :, 9].all() and not is_open[1, :, 2:4].any() and not is_open[2].any()
+    # Block 0's gap cannot read blocks 1-2: new text there leaves its fill as it was.
+    later = input_ids.clone()
+    later[:, 4:9], later[:, 10:] = prompts(2, 5, seed=7), prompts(2, 2, seed=8)
+    assert torch.equal(infill(model, later)[:, 2:4], out.sequences[:, 2:4])
+    # Left padding: the block grid starts at each row's first real token.
+    padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), input_ids], dim=1)
+    attention_mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones_like(input_ids)], dim=1)
+    assert torch.equal(infill(model, padded, attention_mask)[:, 3:], out.sequences)
+
+
 def test_bad_inputs():
     model = diffusion_model("llama")
     with pytest.raises(ValueError, match="needs left padding"):
         generate(model, prompts(1, 4), torch.tensor([[1, 1, 1, 0]]), max_new_tokens=4)
     with pytest.raises(ValueError, match="`streamer` supports batch size 1"):
         generate(model, prompts(2, 4), max_new_tokens=4, streamer=object())
-    with pytest.raises(ValueError, match="`infill` needs bidirectional attention, got attention='block'"):
-        infill(model, torch.tensor([[5, MASK_ID, 6]]))
     bidirectional = diffusion_model("llama", attention="bidirectional")
     with pytest.raises(ValueError, match="holds no mask token"):
         infill(bidirectional, torch.tensor([[5, 6]]))
