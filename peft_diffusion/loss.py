@@ -29,12 +29,15 @@ class DiffusionLossOutput:
             (0 when nothing is masked).
         num_targets (`torch.LongTensor`, scalar): number of target tokens.
         num_masked (`torch.LongTensor`, scalar): number of masked target tokens.
+        token_ce (`torch.Tensor` of shape `[B, L]`): detached unweighted cross-entropy of each masked target, 0
+            elsewhere (for statistics such as the loss by noise level).
     """
 
     loss: torch.Tensor
     masked_ce: torch.Tensor
     num_targets: torch.Tensor
     num_masked: torch.Tensor
+    token_ce: torch.Tensor | None = None
 
 
 def diffusion_loss(
@@ -128,4 +131,5 @@ def diffusion_loss(
         masked_ce=ce.sum().detach() / num_masked.clamp(min=1),
         num_targets=num_targets,
         num_masked=num_masked,
+        token_ce=ce.detach(),
     )

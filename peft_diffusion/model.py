@@ -44,6 +44,9 @@ from .noise import complementary, corrupt, group_time, masked_corruption, sample
 
 logger = logging.getLogger(__name__)
 
+# Noise-level buckets of the loss-by-t statistics: t in [0, 0.25), [0.25, 0.5), [0.5, 0.75), [0.75, 1].
+T_BUCKET_EDGES = torch.tensor([0.25, 0.5, 0.75])
+
 DIFFUSION_CONFIG_NAME = "diffusion_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
@@ -57,7 +60,8 @@ class DiffusionLMOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): `logits[:, i]` predicts the
             token at position `i` (shift already applied; the noisy half only in the two-stream layout).
         past_key_values (`Cache`, *optional*): the KV cache, when `use_cache=True`.
-        metrics (`dict`, *optional*): detached training statistics (raw masked CE, mean t, masked fraction, ...).
+        metrics (`dict`, *optional*): detached training statistics (raw masked CE, mean t, masked fraction, masked
+            CE summed per noise-level bucket `ce_sum_by_t` and masked targets per bucket `masked_by_t`, ...).
     """
 
     loss: torch.FloatTensor | None = None
@@ -497,11 +501,21 @@ class DiffusionLM(PreTrainedModel):
         )
         with torch.no_grad():
             num_targets = is_target.sum().clamp(min=1)
+            # the loss by noise level: masked CE summed per bucket of t, and the masked targets per bucket
+            is_scored = torch.cat([c.is_masked for c in corruptions]) & repeated(is_target)  # [B or 2B, L]
+            bucket = torch.bucketize(
+                torch.cat([c.t for c in corruptions]), T_BUCKET_EDGES.to(input_ids.device), right=True
+            )  # [B or 2B, L]
+            num_buckets = len(T_BUCKET_EDGES) + 1
             metrics = {
                 "masked_ce": result.masked_ce.detach(),
                 "mean_t": (corruption.t * is_target).sum() / num_targets,
                 "masked_fraction": (corruption.is_masked.sum() / num_targets).float(),
                 "num_targets": is_target.sum(),
+                "ce_sum_by_t": torch.zeros(num_buckets, device=input_ids.device).index_add_(
+                    0, bucket[is_scored], result.token_ce[is_scored]
+                ),  # [4]
+                "masked_by_t": torch.bincount(bucket[is_scored], minlength=num_buckets),  # [4]
             }
         return DiffusionLMOutput(loss=result.loss, logits=outputs.logits, metrics=metrics)
 

@@ -37,7 +37,7 @@ from trl import SFTTrainer
 
 from .attention import annealing_ratio, positions_from_inputs
 from .config import DiffusionConfig
-from .model import DiffusionLM, get_diffusion_model
+from .model import T_BUCKET_EDGES, DiffusionLM, get_diffusion_model
 from .noise import eos_targets
 from .training_config import DiffusionTrainingConfig
 
@@ -50,6 +50,11 @@ _USABLE_COLUMNS = (
 )
 # Logged metric names, in the order of the vector `compute_loss` stacks.
 METRIC_NAMES = ("masked_ce", "mean_t", "masked_fraction")
+# Names of the loss-by-noise-level metrics: the masked CE of the masked targets whose t falls in each bucket.
+T_BUCKET_NAMES = tuple(
+    f"masked_ce_by_t/{lo:.2f}-{hi:.2f}"
+    for lo, hi in zip([0.0, *T_BUCKET_EDGES.tolist()], [*T_BUCKET_EDGES.tolist(), 1.0])
+)
 
 
 @dataclass
@@ -253,12 +258,18 @@ class DiffusionTrainer(SFTTrainer):
         # 4. metrics
         metrics = outputs.metrics
         with torch.no_grad():
-            values = torch.stack([metrics[name].float() for name in METRIC_NAMES])  # [3]
+            values = torch.cat(
+                [
+                    torch.stack([metrics[name].float() for name in METRIC_NAMES]),  # [3]
+                    metrics["ce_sum_by_t"].float(),  # [4]
+                    metrics["masked_by_t"].float(),  # [4]
+                ]
+            )  # [11]
             if not training:
                 # the token-weighted ELBO over the eval set: sum of per-token bounds and number of targets
                 num_targets = metrics["num_targets"].float()
                 values = torch.cat([values, torch.stack([outputs.loss.detach().float() * num_targets, num_targets])])
-            gathered = self.accelerator.gather(values[None])  # [world, 3 or 5]
+            gathered = self.accelerator.gather(values[None])  # [world, 11 or 13]
         self._diffusion_metrics[mode].append(gathered)
         return (loss, outputs) if return_outputs else loss
 
@@ -272,12 +283,18 @@ class DiffusionTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         collected = self._diffusion_metrics[mode]
         if collected:
-            stacked = torch.cat(collected)  # [steps * world, 3 or 5]
-            means = stacked[:, : len(METRIC_NAMES)].mean(0).tolist()
+            stacked = torch.cat(collected)  # [steps * world, 11 or 13]
+            num_metrics, num_buckets = len(METRIC_NAMES), len(T_BUCKET_NAMES)
+            means = stacked[:, :num_metrics].mean(0).tolist()
             prefix = "eval_" if mode == "eval" else ""
             logs.update({f"{prefix}{name}": value for name, value in zip(METRIC_NAMES, means)})
+            # masked CE by noise level: token-weighted over the logging window; empty buckets are not logged
+            by_t = stacked[:, num_metrics : num_metrics + 2 * num_buckets].sum(0).view(2, num_buckets).tolist()
+            for name, ce_sum, count in zip(T_BUCKET_NAMES, *by_t):
+                if count > 0:
+                    logs[f"{prefix}{name}"] = ce_sum / count
             if mode == "eval":
-                nll_sum, num_targets = stacked[:, len(METRIC_NAMES) :].sum(0).tolist()
+                nll_sum, num_targets = stacked[:, num_metrics + 2 * num_buckets :].sum(0).tolist()
                 nll_bound = nll_sum / max(num_targets, 1.0)
                 logs["eval_nll_bound"] = nll_bound
                 logs["eval_ppl_bound"] = math.exp(min(nll_bound, 700.0))

@@ -54,6 +54,17 @@ def test_loss_equals_hand_computation(attention, shift):
     expected = total / is_target.sum()
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
     assert out.metrics["num_targets"] == is_target.sum()
+    # the loss by noise level: unweighted CE of the masked targets summed per t bucket [0, .25, .5, .75, 1]
+    ce_sums, counts = torch.zeros(4), torch.zeros(4, dtype=torch.long)
+    for b in range(2):
+        for i in range(8):
+            if is_masked[b, i] and is_target[b, i]:
+                time = t[b, i // 4] if attention == "block" else t[b, 0]
+                bucket = min(int(time / 0.25), 3)
+                ce_sums[bucket] += -log_probs[b, i, input_ids[b, i]]
+                counts[bucket] += 1
+    torch.testing.assert_close(out.metrics["ce_sum_by_t"], ce_sums, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.metrics["masked_by_t"], counts)
 
 
 def test_sampled_corruption_touches_only_targets_and_is_seeded():

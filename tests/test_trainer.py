@@ -184,6 +184,9 @@ def test_each_format_trains_and_only_noises_targets(tmp_path, kind):
     assert any("trainable_tokens" in n for n in changed)
     logs = trainer.state.log_history[0]
     assert {"loss", "masked_ce", "mean_t", "masked_fraction"} <= set(logs)
+    by_t = {name: value for name, value in logs.items() if name.startswith("masked_ce_by_t/")}
+    assert by_t and set(by_t) <= {f"masked_ce_by_t/{b}" for b in ("0.00-0.25", "0.25-0.50", "0.50-0.75", "0.75-1.00")}
+    assert all(value > 0 for value in by_t.values())
 
 
 def test_prompt_completion_labels_leave_prompts_clean(tmp_path):
