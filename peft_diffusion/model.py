@@ -445,32 +445,18 @@ class DiffusionLM(PreTrainedModel):
             )  # [B, L]
             t = group_time(draws, positions, doc_ids, block_size)  # [B, L]
         # 3. corruption
+        noise = dict(
+            mask_token_id=config.mask_token_id,
+            schedule=config.noise_schedule,
+            masking=config.masking,
+            strength=config.masking_strength,
+            block_size=block_size,
+            positions=positions,
+        )
         if is_masked is None:
-            corruption = corrupt(
-                input_ids,
-                is_target,
-                t,
-                mask_token_id=config.mask_token_id,
-                schedule=config.noise_schedule,
-                masking=config.masking,
-                strength=config.masking_strength,
-                block_size=block_size,
-                generator=generator,
-                positions=positions,
-            )
+            corruption = corrupt(input_ids, is_target, t, generator=generator, **noise)
         else:
-            corruption = masked_corruption(
-                input_ids,
-                is_target,
-                is_masked,
-                t,
-                mask_token_id=config.mask_token_id,
-                schedule=config.noise_schedule,
-                masking=config.masking,
-                strength=config.masking_strength,
-                block_size=block_size,
-                positions=positions,
-            )
+            corruption = masked_corruption(input_ids, is_target, is_masked, t, **noise)
         corruptions = [corruption]
         if complementary_masking:
             corruptions.append(complementary(corruption, input_ids, is_target, config.mask_token_id))
