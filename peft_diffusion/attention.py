@@ -33,8 +33,9 @@ Sliding-window layers keep their window, made symmetric on positions: |p_q - p_k
 Unmasked fast path: when every query of a forward may attend to every key (no padding, one document, and the pattern
 allows all pairs: bidirectional attention, or a block window over a cache holding everything before it), the layout
 is built with `unmasked=True` (`DiffusionLM.forward` proves it from host-side facts) and its non-sliding layers get no
-mask at all: sdpa runs its unmasked kernel (with `is_causal=False`, see `non_causal`), eager adds nothing, flex runs
-without a `BlockMask`. Sliding-window layers still get their (windowed) mask.
+mask at all: sdpa runs its unmasked kernel (with `is_causal=False`, see `non_causal`), flex runs without a
+`BlockMask`; eager still gets an all-zero additive mask (some eager attention functions add the mask without a `None`
+check). Sliding-window layers still get their (windowed) mask.
 """
 
 from __future__ import annotations
@@ -45,13 +46,18 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from . import _compat
 
 PATTERNS = ("causal", "bidirectional", "block", "annealed")
 
-# Mask materialisers we wrap. flash_attention_* only take a 2D padding mask: bidirectional attention reaches them
-# through `is_causal=False` instead (see `model.py`), every other pattern is refused there.
-_WRAPPED_BACKENDS = ("sdpa", "eager", "flex_attention")
+# Mask materialisers we wrap: sdpa, eager, flex_attention (`_compat.MATERIALISER_KEYWORDS`). flash_attention_* only
+# take a 2D padding mask: bidirectional attention reaches them through `is_causal=False` instead (see `model.py`),
+# every other pattern is refused there.
+# Backends whose attention functions take `None` for "no mask" (an unmasked kernel). Eager attention functions of
+# several architectures add the mask unconditionally, so eager always gets a (zero) mask.
+_UNMASKED_BACKENDS = ("sdpa", "flex_attention")
 
 
 @dataclass(frozen=True)
@@ -205,7 +211,7 @@ def diffusion_attention(layout: AttentionLayout) -> Iterator[AttentionLayout]:
         _ACTIVE_LAYOUT.reset(token)
 
 
-def _wrap_materialiser(original: Callable) -> Callable:
+def _wrap_materialiser(backend: str, original: Callable) -> Callable:
     def materialise(*args, mask_function=None, local_size=None, config=None, **kwargs):
         layout = _ACTIVE_LAYOUT.get()
         if layout is None:
@@ -213,7 +219,7 @@ def _wrap_materialiser(original: Callable) -> Callable:
         # Sliding-window layers pass their window as `local_size` (chunked layers too; those are refused in
         # `architectures.py`). The window stays, made symmetric.
         sliding_window = local_size if local_size is not None and local_size > 0 else None
-        if layout.unmasked and sliding_window is None:
+        if layout.unmasked and sliding_window is None and backend in _UNMASKED_BACKENDS:
             return None  # every pair allowed: no mask, the backend's unmasked kernel
         kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=False)
         return original(
@@ -221,6 +227,7 @@ def _wrap_materialiser(original: Callable) -> Callable:
         )
 
     materialise.__wrapped__ = original
+    materialise._peft_diffusion_wrapper = True
     return materialise
 
 
@@ -231,9 +238,7 @@ def non_causal(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
     sdpa reads `module.is_causal` when a layer gets no mask: without this, an unmasked layer would run causally.
     Not for gradient-checkpointed training: the recomputation in backward runs outside this context.
     """
-    saved = [(module, module.is_causal) for module in modules]
-    for module, _ in saved:
-        module.is_causal = False
+    saved = _compat.set_attention_is_causal(modules, False)
     try:
         yield
     finally:
@@ -243,12 +248,13 @@ def non_causal(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
 
 def install_mask_interface() -> None:
     """Wrap transformers' sdpa/eager/flex mask materialisers once per process (idempotent, inactive by default)."""
-    for backend in _WRAPPED_BACKENDS:
-        current = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[backend]
-        if backend in _ORIGINAL_MATERIALISERS and getattr(current, "__wrapped__", None) is not None:
+    for backend in _compat.MATERIALISER_KEYWORDS:
+        current = _compat.mask_materialiser(backend)
+        if getattr(current, "_peft_diffusion_wrapper", False):
             continue
+        _compat.check_mask_materialiser(backend, current)
         _ORIGINAL_MATERIALISERS[backend] = current
-        AttentionMaskInterface.register(backend, _wrap_materialiser(current))
+        AttentionMaskInterface.register(backend, _wrap_materialiser(backend, current))
 
 
 def annealing_ratio(step: int, anneal_steps: int) -> float:

@@ -8,7 +8,8 @@ diffusion model rebuilds its base with the ordinary transformers class. Training
 from __future__ import annotations
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+from ._compat import SubConfigSpec
 
 ATTENTION_PATTERNS = ("bidirectional", "block", "annealed")
 NOISE_SCHEDULE_NAMES = ("linear", "cosine")

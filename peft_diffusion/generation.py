@@ -106,9 +106,9 @@ class DiffusionGenerationConfig(GenerationConfig):
             setattr(self, name, kwargs.pop(name, default))
         super().__init__(**kwargs)
 
-    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
+    def validate(self, *args, **kwargs):
         """Check the inherited fields (transformers) and the diffusion ones; raise `ValueError` naming the fix."""
-        super().validate(strict=strict, user_set_attributes=user_set_attributes)
+        super().validate(*args, **kwargs)
         for name in ("steps", "block_length"):
             value = getattr(self, name, None)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -468,7 +468,7 @@ def _denoise(
         outputs = model(
             input_ids=canvas[:, start:end],
             attention_mask=None if end <= first_pad else attention_mask[:, :end],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=keep,
         )

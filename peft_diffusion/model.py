@@ -27,7 +27,9 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import ModelOutput
+
+from . import _compat
 
 from .architectures import check_architecture, is_verified
 from .attention import (
@@ -59,15 +61,21 @@ class DiffusionLMOutput(ModelOutput):
         loss (`torch.FloatTensor`, *optional*): the diffusion loss, when `labels` were given.
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): `logits[:, i]` predicts the
             token at position `i` (shift already applied; the noisy half only in the two-stream layout).
-        past_key_values (`Cache`, *optional*): the KV cache, when `use_cache=True`.
+        cache (`Cache`, *optional*): the KV cache, when `use_cache=True` (transformers' name since 5.24;
+            `past_key_values` reads it too).
         metrics (`dict`, *optional*): detached training statistics (raw masked CE, mean t, masked fraction, masked
             CE summed per noise-level bucket `ce_sum_by_t` and masked targets per bucket `masked_by_t`, ...).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     metrics: dict | None = None
+
+    @property
+    def past_key_values(self) -> Cache | None:
+        """The KV cache under its pre-5.24 transformers name."""
+        return self.cache
 
 
 class DiffusionLM(PreTrainedModel):
@@ -101,19 +109,16 @@ class DiffusionLM(PreTrainedModel):
         else:
             # A model handed over is initialised already (pretrained, LoRA layers included): `post_init` must not
             # re-initialise it.
-            for module in model.modules():
-                module._is_hf_initialized = True
+            _compat.mark_initialized(model)
         check_architecture(_causal_lm(model).config)
-        _check_attention_backend(config, _causal_lm(model).config._attn_implementation)
+        _check_attention_backend(config, _compat.attn_implementation(_causal_lm(model).config))
         self.model = model
         # The annealing ratio is training state: the trainer sets it every step (DiffuLLaMA's attention annealing).
         self.annealing_ratio = 1.0
-        if (self.causal_lm.config._attn_implementation or "").startswith("flash_attention"):
+        if (_compat.attn_implementation(self.causal_lm.config) or "").startswith("flash_attention"):
             # Flash kernels take only a padding mask: bidirectional attention reaches them through `is_causal`.
             self.causal_lm.config.is_causal = False
-            for module in self.causal_lm.modules():
-                if hasattr(module, "is_causal"):
-                    module.is_causal = False
+            _compat.set_attention_is_causal(_compat.attention_is_causal_modules(self.causal_lm), False)
         self.post_init()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -211,7 +216,7 @@ class DiffusionLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         clean_input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool = False,
         inputs_embeds: torch.FloatTensor | None = None,
         generator: torch.Generator | None = None,
@@ -239,7 +244,8 @@ class DiffusionLM(PreTrainedModel):
             clean_input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 The clean tokens x_0. Under block attention with `clean_context`, the model runs on the two-stream
                 layout `[x_t ; x_0]` and returns the logits of the noisy half (training and likelihood scoring).
-            past_key_values (`Cache`, *optional*): a KV cache of committed tokens (block decoding).
+            cache (`Cache`, *optional*): a KV cache of committed tokens (block decoding). `past_key_values=` is
+                accepted as its older name, as transformers does until 5.40.
             use_cache (`bool`, defaults to `False`): return the updated cache.
             generator (`torch.Generator`, *optional*): randomness of the annealed pattern and, with `labels`, of
                 the time and the corruption.
@@ -267,6 +273,10 @@ class DiffusionLM(PreTrainedModel):
             `DiffusionLMOutput` with `logits` of shape `(batch_size, sequence_length, vocab_size)` and, with
             `labels`, the `loss` and detached `metrics`.
         """
+        if "past_key_values" in kwargs:
+            if cache is not None:
+                raise ValueError("Pass the KV cache once, as `cache` (`past_key_values` is its older name).")
+            cache = kwargs.pop("past_key_values")
         if labels is not None:
             return self._loss_forward(
                 input_ids,
@@ -286,7 +296,7 @@ class DiffusionLM(PreTrainedModel):
         embeds = input_ids if input_ids is not None else inputs_embeds
         batch_size, length = embeds.shape[:2]
         device = embeds.device
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         given_attention_mask = attention_mask  # before the padding mask of a cached forward is filled in
 
         # 1. positions and document ids over the key range
@@ -346,8 +356,8 @@ class DiffusionLM(PreTrainedModel):
                 inputs_embeds=inputs_embeds if input_ids is None else None,
                 attention_mask=model_attention_mask,
                 position_ids=model_positions,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{_compat.CACHE_KWARG: cache},
                 return_dict=True,
                 **kwargs,
             )
@@ -359,7 +369,7 @@ class DiffusionLM(PreTrainedModel):
         # 5. the mask token is never predicted
         if self.config.mask_token_id is not None:
             logits[..., self.config.mask_token_id] = torch.finfo(logits.dtype).min
-        return DiffusionLMOutput(logits=logits, past_key_values=outputs.past_key_values if use_cache else None)
+        return DiffusionLMOutput(logits=logits, cache=_compat.output_cache(outputs) if use_cache else None)
 
     def _allows_every_pair(self, layout: AttentionLayout, past_length: int, length: int) -> bool:
         """Whether every query may attend to every key, for unpadded single-document input (host-side facts only).
@@ -383,9 +393,7 @@ class DiffusionLM(PreTrainedModel):
     def _attention_modules(self) -> list[torch.nn.Module]:
         """The modules carrying an `is_causal` flag (attention layers), found once."""
         if getattr(self, "_is_causal_modules", None) is None:
-            self._is_causal_modules = [
-                module for module in self.causal_lm.modules() if isinstance(getattr(module, "is_causal", None), bool)
-            ]
+            self._is_causal_modules = _compat.attention_is_causal_modules(self.causal_lm)
         return self._is_causal_modules
 
     def _loss_forward(
@@ -594,17 +602,16 @@ class DiffusionLM(PreTrainedModel):
         hub_kwargs = {
             key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
         }
-        adapter_file = cached_file(
-            pretrained_model_name_or_path,
-            ADAPTER_CONFIG_NAME,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **hub_kwargs,
-        )
+        adapter_file = _compat.find_file(pretrained_model_name_or_path, ADAPTER_CONFIG_NAME, **hub_kwargs)
         if adapter_file is None:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
-        config_file = cached_file(pretrained_model_name_or_path, DIFFUSION_CONFIG_NAME, **hub_kwargs)
+        config_file = _compat.find_file(pretrained_model_name_or_path, DIFFUSION_CONFIG_NAME, **hub_kwargs)
+        if config_file is None:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a PEFT adapter but no {DIFFUSION_CONFIG_NAME}: it was not saved "
+                "by `DiffusionLM.save_pretrained`; load it with `peft.PeftModel.from_pretrained` instead."
+            )
         with open(config_file, encoding="utf-8") as handle:
             config = DiffusionConfig.from_dict(json.load(handle))
         if base_model is None:
@@ -704,7 +711,7 @@ def get_diffusion_model(
 
     # 2. architecture and attention backend
     check_architecture(model.config)
-    _check_attention_backend(config, model.config._attn_implementation)
+    _check_attention_backend(config, _compat.attn_implementation(model.config))
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ValueError(
             f"The tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has "
@@ -718,7 +725,7 @@ def get_diffusion_model(
         config.mask_token = tokenizer.convert_ids_to_tokens(mask_token_id)
     config.base_config = model.config
     config.base_model_name_or_path = config.base_model_name_or_path or model.config.name_or_path or None
-    config._attn_implementation = model.config._attn_implementation
+    _compat.set_attn_implementation(config, _compat.attn_implementation(model.config))
     config.validate_diffusion()
 
     # 4. PEFT

@@ -24,7 +24,6 @@ import importlib.util
 import logging
 import math
 import os
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from peft.utils import load_peft_weights
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTTrainer
 
+from . import _compat
 from .attention import annealing_ratio, positions_from_inputs
 from .config import DiffusionConfig
 from .model import T_BUCKET_EDGES, DiffusionLM, get_diffusion_model
@@ -89,7 +89,7 @@ class DiffusionDataCollator:
         return batch
 
 
-class DiffusionTrainer(SFTTrainer):
+class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
     r"""Train a masked diffusion LM with TRL's dataset handling (conversion by continued pretraining, or SFT).
 
     Args:
@@ -208,15 +208,15 @@ class DiffusionTrainer(SFTTrainer):
             **kwargs,
         )
         # 2. targets fixed before `num_items_in_batch` is counted; the diffusion labels are not shifted
-        self._loss_shifts_labels = False
+        _compat.disable_label_shift_count(self)
         self.data_collator = DiffusionDataCollator(
             self.data_collator,
             shift=self.model.config.shift,
             eos_policy=args.eos_policy,
-            eos_token_id=self._tokenizer.eos_token_id,
+            eos_token_id=getattr(self.processing_class, "tokenizer", self.processing_class).eos_token_id,
         )
         self._diffusion_metrics = {"train": [], "eval": []}
-        self._elbo_sums = defaultdict(float)
+        self._num_items_checked = False
         self._eval_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -238,6 +238,11 @@ class DiffusionTrainer(SFTTrainer):
         # 1. annealing
         if training:
             self.model.annealing_ratio = annealing_ratio(self.state.global_step, args.anneal_steps)
+        if training and not self._num_items_checked:
+            # The host's target count sets the loss scale: check it once where it can be checked exactly.
+            if args.gradient_accumulation_steps == 1 and self.accelerator.num_processes == 1:
+                _compat.check_num_items_in_batch(num_items_in_batch, inputs["labels"])
+            self._num_items_checked = True
         # 2. forward
         outputs = model(
             input_ids=inputs["input_ids"],
@@ -305,18 +310,13 @@ class DiffusionTrainer(SFTTrainer):
     # Checkpoints
     # ------------------------------------------------------------------------------------------------------------
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        # The stock Trainer looks for a PeftModel or full weights; a PEFT DiffusionLM checkpoint holds a standard
-        # adapter (LoRA weights + mask-token row) beside `diffusion_config.json`.
-        if not self._load_adapter(resume_from_checkpoint):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _load_best_model(self) -> None:
-        if not self._load_adapter(self.state.best_model_checkpoint):
-            super()._load_best_model()
-
     def _load_adapter(self, checkpoint: str | None) -> bool:
-        """Load a saved adapter into the PEFT model inside `self.model`; False when there is nothing to load."""
+        """Load a saved adapter into the PEFT model inside `self.model`; False when there is nothing to load.
+
+        Called by resume and best-model loading (`_compat.CheckpointLoading`): the stock Trainer looks for a top-level
+        PeftModel or full weights; a PEFT DiffusionLM checkpoint holds a standard adapter (LoRA weights + mask-token
+        row) beside `diffusion_config.json`.
+        """
         if checkpoint is None or not self.model.is_peft:
             return False
         if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in ADAPTER_FILES):
