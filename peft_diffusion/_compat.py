@@ -70,7 +70,9 @@ def _cache_kwarg() -> str:
     for name in ("cache", "past_key_values"):
         if name in names:
             return name
-    raise HostCompatibilityError("CACHE_KWARG", f"CausalLMOutputWithPast has neither `cache` nor `past_key_values`: {names}")
+    raise HostCompatibilityError(
+        "CACHE_KWARG", f"CausalLMOutputWithPast has neither `cache` nor `past_key_values`: {names}"
+    )
 
 
 CACHE_KWARG: str = _cache_kwarg()
@@ -98,7 +100,9 @@ def mask_materialiser(backend: str) -> Callable:
     try:
         return ALL_MASK_ATTENTION_FUNCTIONS[backend]
     except KeyError as error:
-        raise HostCompatibilityError("mask_materialisers", f"no mask materialiser registered for {backend!r}") from error
+        raise HostCompatibilityError(
+            "mask_materialisers", f"no mask materialiser registered for {backend!r}"
+        ) from error
 
 
 def check_mask_materialiser(backend: str, function: Callable) -> None:
@@ -161,7 +165,7 @@ def set_attn_implementation(config, value: str | None) -> None:
 
 
 try:
-    from transformers.configuration_utils import SubConfigSpec
+    from transformers.configuration_utils import SubConfigSpec  # noqa: F401 (re-exported for config.py)
 except ImportError as error:  # pragma: no cover - exercised only on an incompatible transformers
     raise HostCompatibilityError(
         "SubConfigSpec", "transformers.configuration_utils.SubConfigSpec is gone (composite configs)"

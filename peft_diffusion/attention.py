@@ -44,13 +44,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers.masking_utils import AttentionMaskInterface
 
 from . import _compat
-
-PATTERNS = ("causal", "bidirectional", "block", "annealed")
 
 # Mask materialisers we wrap: sdpa, eager, flex_attention (`_compat.MATERIALISER_KEYWORDS`). flash_attention_* only
 # take a 2D padding mask: bidirectional attention reaches them through `is_causal=False` instead (see `model.py`),
@@ -65,7 +64,8 @@ class AttentionLayout:
     """Everything a diffusion pattern needs about the tokens of one forward pass.
 
     Args:
-        pattern (`str`): one of `"causal"`, `"bidirectional"`, `"block"`, `"annealed"`.
+        pattern (`str`): a registered attention pattern (`ATTENTION_PATTERNS`: `"causal"`, `"bidirectional"`,
+            `"block"`, `"annealed"`, ...).
         positions (`torch.LongTensor` of shape `(batch_size, total_length)`): position inside the document.
         doc_ids (`torch.LongTensor` of shape `(batch_size, total_length)`): document index (packing).
         block_size (`int`, *optional*): block length of the `"block"` pattern.
@@ -86,36 +86,18 @@ class AttentionLayout:
     unmasked: bool = False
 
     def __post_init__(self):
-        if self.pattern not in PATTERNS:
-            raise ValueError(f"`pattern` must be one of {PATTERNS}, got pattern={self.pattern!r}.")
-        if self.pattern == "block" and (self.block_size is None or self.block_size <= 0):
-            raise ValueError(f"The 'block' pattern needs a positive `block_size`, got block_size={self.block_size}.")
-        if self.pattern == "annealed" and self.is_open is None:
-            raise ValueError("The 'annealed' pattern needs `is_open`; build it with `annealed_open_entries`.")
+        get_attention_pattern(self.pattern, selectable_only=False).check_layout(self)
 
     def mask_function(self, sliding_window: int | None = None) -> Callable:
         """The pattern as a transformers mask function over absolute token indices."""
-        positions, doc_ids, is_clean, is_open = self.positions, self.doc_ids, self.is_clean, self.is_open
-        block_ids = positions // self.block_size if self.pattern == "block" else None
-        pattern = self.pattern
+        positions, doc_ids = self.positions, self.doc_ids
+        rule = get_attention_pattern(self.pattern, selectable_only=False).rule(self)
 
         def mask_fn(batch_idx, head_idx, q_idx, kv_idx):
             # Indices broadcast as [B,1,1,1], [1,1,Q,1], [1,1,1,K]; every lookup below is [B,1,Q,K]-broadcastable.
             allowed = doc_ids[batch_idx, q_idx] == doc_ids[batch_idx, kv_idx]
-            if pattern == "causal":
-                allowed = allowed & (positions[batch_idx, kv_idx] <= positions[batch_idx, q_idx])
-            elif pattern == "block":
-                block_q, block_k = block_ids[batch_idx, q_idx], block_ids[batch_idx, kv_idx]
-                if is_clean is None:
-                    allowed = allowed & (block_k <= block_q)
-                else:
-                    clean_q, clean_k = is_clean[batch_idx, q_idx], is_clean[batch_idx, kv_idx]
-                    noisy_rule = torch.where(clean_k, block_k < block_q, block_k == block_q)
-                    clean_rule = clean_k & (block_k <= block_q)
-                    allowed = allowed & torch.where(clean_q, clean_rule, noisy_rule)
-            elif pattern == "annealed":
-                pos_q, pos_k = positions[batch_idx, q_idx], positions[batch_idx, kv_idx]
-                allowed = allowed & ((pos_k <= pos_q) | is_open[pos_q, pos_k])
+            if rule is not None:
+                allowed = allowed & rule(batch_idx, q_idx, kv_idx)
             if sliding_window is not None:
                 distance = positions[batch_idx, q_idx] - positions[batch_idx, kv_idx]
                 allowed = allowed & (distance.abs() < sliding_window)
@@ -132,6 +114,196 @@ class AttentionLayout:
         k = torch.arange(length, device=device)[None, None, None, :]
         h = torch.zeros(1, dtype=torch.long, device=device)[None, :, None, None]
         return self.mask_function(sliding_window)(b, h, q, k).expand(batch, 1, length, length)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention patterns: one registered class each
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AttentionPattern:
+    """One attention pattern: its mask rule and everything the rest of the package asks of it.
+
+    Subclass it, set `name`, implement `rule`, and register it with `@register_attention_pattern`; it is then a value
+    of `DiffusionConfig.attention`, a choice of the CLI's `--attention`, and training, scoring and decoding follow it.
+    The defaults describe a pattern over whole documents (no blocks, one stream, the same pattern at inference).
+    """
+
+    name: ClassVar[str] = ""
+    # Selectable as `DiffusionConfig.attention` (`causal` exists as the reference pattern only).
+    selectable: ClassVar[bool] = True
+    # Expressible as a padding mask alone (every pair of a document allowed): flash kernels can run it.
+    padding_mask_only: ClassVar[bool] = False
+
+    def rule(self, layout: AttentionLayout) -> Callable | None:
+        """`(batch_idx, q_idx, kv_idx) -> bool tensor`: which pairs of the same document may attend (None: all)."""
+        raise NotImplementedError
+
+    def check_layout(self, layout: AttentionLayout) -> None:
+        """Raise `ValueError` when `layout` lacks what the rule reads."""
+
+    def block_size(self, config) -> int | None:
+        """Tokens per attention block: the groups sharing one noise time, the likelihood groups and the decoding grid
+        (`None`: whole documents)."""
+        return None
+
+    def uses_two_stream(self, config) -> bool:
+        """Whether training and scoring run on the clean-context layout `[x_t ; x_0]`."""
+        return False
+
+    def layout(self, config, positions, doc_ids, *, training=False, annealing_ratio=1.0, generator=None):
+        """The single-stream layout of one forward (training or inference)."""
+        return AttentionLayout(self.name, positions, doc_ids, block_size=self.block_size(config))
+
+    def allows_every_pair(self, layout: AttentionLayout, past_length: int, length: int) -> bool:
+        """Whether every query of an unpadded one-document forward may attend to every key (the unmasked fast path),
+        for `length` new tokens over `past_length` cached ones."""
+        return False
+
+    def supports_backend(self, implementation: str | None) -> bool:
+        """Flash kernels take only a 2D padding mask: causal or fully bidirectional, nothing in between."""
+        return self.padding_mask_only or not (implementation or "").startswith("flash_attention")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+ATTENTION_PATTERNS: dict[str, type[AttentionPattern]] = {}
+
+
+def register_attention_pattern(name: str) -> Callable[[type], type]:
+    """Class decorator that registers an `AttentionPattern` subclass under `name` (a `DiffusionConfig.attention`).
+
+    Args:
+        name (`str`): the registry key, lower_snake.
+    """
+
+    def decorator(cls: type) -> type:
+        if name in ATTENTION_PATTERNS:
+            raise ValueError(
+                f"An attention pattern named {name!r} is already registered ({ATTENTION_PATTERNS[name]})."
+            )
+        if not (isinstance(cls, type) and issubclass(cls, AttentionPattern)):
+            raise TypeError(
+                f"`@register_attention_pattern({name!r})` takes an AttentionPattern subclass, got {cls!r}."
+            )
+        cls.name = name
+        ATTENTION_PATTERNS[name] = cls
+        return cls
+
+    return decorator
+
+
+def selectable_patterns() -> list[str]:
+    """The names `DiffusionConfig.attention` accepts."""
+    return sorted(name for name, cls in ATTENTION_PATTERNS.items() if cls.selectable)
+
+
+def get_attention_pattern(
+    name_or_pattern: str | AttentionPattern, *, selectable_only: bool = True
+) -> AttentionPattern:
+    """Resolve an attention pattern from its registered name (or return an instance unchanged)."""
+    if isinstance(name_or_pattern, AttentionPattern):
+        return name_or_pattern
+    cls = ATTENTION_PATTERNS.get(name_or_pattern)
+    if cls is None or (selectable_only and not cls.selectable):
+        names = selectable_patterns() if selectable_only else sorted(ATTENTION_PATTERNS)
+        raise ValueError(
+            f"`attention` must be one of {names}, got attention={name_or_pattern!r}; use 'block' for KV-cached "
+            "semi-autoregressive decoding or 'bidirectional' for infilling, or register a new pattern with "
+            "@register_attention_pattern."
+        )
+    return cls()
+
+
+@register_attention_pattern("causal")
+class CausalPattern(AttentionPattern):
+    """The AR pattern `p_k <= p_q`: the reference the diffusion patterns are tested against (not selectable)."""
+
+    selectable = False
+
+    def rule(self, layout):
+        positions = layout.positions
+        return lambda b, q, k: positions[b, k] <= positions[b, q]
+
+
+@register_attention_pattern("bidirectional")
+class BidirectionalPattern(AttentionPattern):
+    """Every token of a document sees every other (DiffuLLaMA, LLaDA)."""
+
+    padding_mask_only = True
+
+    def rule(self, layout):
+        return None
+
+    def allows_every_pair(self, layout, past_length, length):
+        return True
+
+
+@register_attention_pattern("block")
+class BlockPattern(AttentionPattern):
+    """Bidirectional inside a block of `block_size` positions, causal across blocks (BD3-LM, Efficient-DLM).
+
+    Trained with clean context (`clean_context=True`) on the two-stream layout `[x_t ; x_0]`: a noisy block sees
+    itself and the clean earlier blocks, exactly what it sees at decoding time over the KV cache.
+    """
+
+    def check_layout(self, layout):
+        if layout.block_size is None or layout.block_size <= 0:
+            raise ValueError(f"The 'block' pattern needs a positive `block_size`, got block_size={layout.block_size}.")
+
+    def rule(self, layout):
+        block_ids, is_clean = layout.positions // layout.block_size, layout.is_clean
+
+        def allowed(b, q, k):
+            block_q, block_k = block_ids[b, q], block_ids[b, k]
+            if is_clean is None:
+                return block_k <= block_q
+            clean_q, clean_k = is_clean[b, q], is_clean[b, k]
+            noisy_rule = torch.where(clean_k, block_k < block_q, block_k == block_q)
+            clean_rule = clean_k & (block_k <= block_q)
+            return torch.where(clean_q, clean_rule, noisy_rule)
+
+        return allowed
+
+    def block_size(self, config):
+        return config.block_size
+
+    def uses_two_stream(self, config):
+        return bool(config.clean_context)
+
+    def allows_every_pair(self, layout, past_length, length):
+        # A decoding window: the input lies in one block and the cache holds everything before it.
+        if layout.is_clean is not None:
+            return False
+        return past_length // layout.block_size == (past_length + length - 1) // layout.block_size
+
+
+@register_attention_pattern("annealed")
+class AnnealedPattern(AttentionPattern):
+    """Causal with a growing random part of the upper triangle opened during training, bidirectional at inference
+    (DiffuLLaMA's attention-mask annealing, arXiv 2410.17891)."""
+
+    def check_layout(self, layout):
+        if layout.is_open is None:
+            raise ValueError("The 'annealed' pattern needs `is_open`; build it with `annealed_open_entries`.")
+
+    def rule(self, layout):
+        positions, is_open = layout.positions, layout.is_open
+
+        def allowed(b, q, k):
+            pos_q, pos_k = positions[b, q], positions[b, k]
+            return (pos_k <= pos_q) | is_open[pos_q, pos_k]
+
+        return allowed
+
+    def layout(self, config, positions, doc_ids, *, training=False, annealing_ratio=1.0, generator=None):
+        if not training or annealing_ratio >= 1.0:
+            # Fully annealed, and always at inference: the bidirectional pattern.
+            return AttentionLayout("bidirectional", positions, doc_ids)
+        num_positions = int(positions.max()) + 1
+        is_open = annealed_open_entries(num_positions, annealing_ratio, generator=generator, device=positions.device)
+        return AttentionLayout(self.name, positions, doc_ids, is_open=is_open)
 
 
 def positions_from_inputs(

@@ -485,7 +485,7 @@ def _one_line(text: str, width: int = 400) -> str:
 
 
 def _grid(model) -> int | None:
-    return model.config.block_size if model.config.attention == "block" else None
+    return model.config.attention_block_size
 
 
 def infill_example(model, tokenizer, example=INFILL_EXAMPLE) -> dict:

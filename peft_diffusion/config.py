@@ -10,10 +10,9 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 
 from ._compat import SubConfigSpec
+from .attention import AttentionPattern, get_attention_pattern
+from .noise import MASKING_POLICIES, NOISE_SCHEDULES
 
-ATTENTION_PATTERNS = ("bidirectional", "block", "annealed")
-NOISE_SCHEDULE_NAMES = ("linear", "cosine")
-MASKING_NAMES = ("uniform", "position_dependent")
 DEFAULT_MASK_TOKEN = "<|mask|>"
 
 
@@ -80,19 +79,19 @@ class DiffusionConfig(PreTrainedConfig):
 
     def validate_diffusion(self) -> None:
         """Check every diffusion setting and raise `ValueError` naming the argument and the fix."""
-        if self.attention not in ATTENTION_PATTERNS:
-            raise ValueError(
-                f"`attention` must be one of {ATTENTION_PATTERNS}, got attention={self.attention!r}; "
-                "use 'block' for KV-cached semi-autoregressive decoding or 'bidirectional' for infilling."
-            )
+        get_attention_pattern(self.attention)  # raises, naming the registered patterns
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size <= 0:
             raise ValueError(f"`block_size` must be a positive integer, got block_size={self.block_size!r}.")
-        if self.noise_schedule not in NOISE_SCHEDULE_NAMES:
+        if self.noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(
-                f"`noise_schedule` must be one of {NOISE_SCHEDULE_NAMES}, got noise_schedule={self.noise_schedule!r}."
+                f"`noise_schedule` must be one of {sorted(NOISE_SCHEDULES)}, got noise_schedule={self.noise_schedule!r}; "
+                "register a new one with @register_noise_schedule."
             )
-        if self.masking not in MASKING_NAMES:
-            raise ValueError(f"`masking` must be one of {MASKING_NAMES}, got masking={self.masking!r}.")
+        if self.masking not in MASKING_POLICIES:
+            raise ValueError(
+                f"`masking` must be one of {sorted(MASKING_POLICIES)}, got masking={self.masking!r}; register a new "
+                "one with @register_masking_policy."
+            )
         if self.masking_strength < 0:
             raise ValueError(
                 f"`masking_strength` must be >= 0 (0 is uniform masking), got masking_strength={self.masking_strength}."
@@ -111,6 +110,16 @@ class DiffusionConfig(PreTrainedConfig):
                 )
 
     @property
+    def attention_pattern(self) -> AttentionPattern:
+        """The registered `AttentionPattern` named by `attention` (`attention.py`)."""
+        return get_attention_pattern(self.attention)
+
+    @property
+    def attention_block_size(self) -> int | None:
+        """Tokens per attention block (noise groups, likelihood groups, decoding grid); None: whole documents."""
+        return self.attention_pattern.block_size(self)
+
+    @property
     def uses_clean_context(self) -> bool:
         """Whether training and scoring use the two-stream `[x_t ; x_0]` layout."""
-        return self.attention == "block" and self.clean_context
+        return self.attention_pattern.uses_two_stream(self)

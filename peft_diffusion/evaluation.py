@@ -317,7 +317,7 @@ def loglikelihood_batch(
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got batch_size={batch_size}.")
     config = model.config
-    block_size = config.block_size if config.attention == "block" else None
+    block_size = config.attention_block_size
     two_stream = config.uses_clean_context
     max_length = _max_length(model)
     rows: list[_Row] = []
@@ -668,8 +668,8 @@ def _gen_settings(gen_kwargs: dict, lm) -> dict:
     max_new_tokens = int(gen_kwargs.get("max_gen_toks", lm.max_new_tokens))
     settings = {"max_new_tokens": max_new_tokens}
     block_length = lm.block_length
-    if block_length is None and lm.model.config.attention == "block":
-        block_length = lm.model.config.block_size
+    if block_length is None:
+        block_length = lm.model.config.attention_block_size
     if block_length is not None:
         # generate needs whole blocks: round the length up (the stop sequences cut the text anyway)
         settings["max_new_tokens"] = -(-max_new_tokens // block_length) * block_length

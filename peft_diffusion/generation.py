@@ -222,13 +222,12 @@ def generate(
     max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
         raise ValueError("`max_new_tokens` is required, got None; pass e.g. max_new_tokens=128.")
-    is_block = model.config.attention == "block"
-    block_length = config.block_length or (model.config.block_size if is_block else max_new_tokens)
-    if is_block and block_length % model.config.block_size:
+    grid = model.config.attention_block_size  # the attention's blocks: decoding follows the training grid
+    block_length = config.block_length or grid or max_new_tokens
+    if grid is not None and block_length % grid:
         raise ValueError(
-            f"`block_length` must be a multiple of the model's block_size under block attention, got "
-            f"block_length={block_length} and block_size={model.config.block_size}; use block_length="
-            f"{model.config.block_size} (the training grid)."
+            f"`block_length` must be a multiple of the model's block_size (its attention blocks), got "
+            f"block_length={block_length} and block_size={grid}; use block_length={grid} (the training grid)."
         )
     num_blocks = math.ceil(max_new_tokens / block_length)
     steps = config.steps or max_new_tokens
@@ -260,7 +259,7 @@ def generate(
     is_generated = (columns >= lengths) & is_real  # [B, T]
 
     # 3. decoding blocks
-    if is_block:
+    if grid is not None:
         block_ids = columns.expand(batch_size, -1) // block_length  # [B, T], the training grid
         first_block = int(prompt_lengths.min()) // block_length
         last_block = (width - 1) // block_length
@@ -283,8 +282,8 @@ def generate(
         steps_per_block=steps // num_blocks,
         block_length=block_length,
         config=config,
-        use_cache=is_block and config.use_cache is not False,
-        grid=block_length if is_block else None,
+        use_cache=grid is not None and config.use_cache is not False,
+        grid=block_length if grid is not None else None,
         eos_ids=eos_ids,
         pad_id=pad_id,
         answer_index=answer_index,
@@ -359,10 +358,11 @@ def infill(
     if most == 0:
         raise ValueError(f"`input_ids` holds no mask token (id {model.config.mask_token_id}): nothing to infill.")
     steps = config.steps or most
-    if model.config.attention == "block":
+    grid = model.config.attention_block_size
+    if grid is not None:
         # The model's attention blocks, aligned at each row's first real token (as in training).
         positions = (is_real.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
-        block_ids = positions // model.config.block_size  # [B, T]
+        block_ids = positions // grid  # [B, T]
         blocks = torch.unique(block_ids[is_generated]).tolist()  # blocks holding a gap, left to right
         per_block = torch.zeros(batch_size, int(block_ids.max()) + 1, dtype=torch.long, device=device)
         per_block.scatter_add_(1, block_ids, is_generated.long())  # [B, nb] masked positions per block
@@ -376,9 +376,9 @@ def infill(
         raise ValueError(
             f"`steps` must be at least the number of blocks holding masked positions ({num_blocks}), got "
             f"steps={steps}; use steps >= {num_blocks}"
-            + ("." if model.config.attention == "block" else " or a larger block_length.")
+            + ("." if grid is not None else " or a larger block_length.")
         )
-    if model.config.attention == "block":
+    if grid is not None:
         steps_per_block = math.ceil(steps * block_length / most)
     else:
         steps_per_block = steps // num_blocks

@@ -30,14 +30,14 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from . import _compat
-
 from .architectures import check_architecture, is_verified
 from .attention import (
     AttentionLayout,
-    annealed_open_entries,
     diffusion_attention,
+    get_attention_pattern,
     non_causal,
     positions_from_inputs,
+    selectable_patterns,
     two_stream_layout,
 )
 from .config import DEFAULT_MASK_TOKEN, DiffusionConfig
@@ -196,19 +196,16 @@ class DiffusionLM(PreTrainedModel):
             two_stream (`bool`): build the clean-context layout `[x_t ; x_0]` (positions and ids given for x_t).
             generator (`torch.Generator`, *optional*): draws the opened entries of the annealed pattern.
         """
-        pattern = self.config.attention
         if two_stream:
             return two_stream_layout(positions, doc_ids, self.config.block_size)
-        if pattern == "annealed":
-            if not self.training or self.annealing_ratio >= 1.0:
-                # DiffuLLaMA: the annealed model runs bidirectionally at inference.
-                return AttentionLayout("bidirectional", positions, doc_ids)
-            num_positions = int(positions.max()) + 1
-            is_open = annealed_open_entries(
-                num_positions, self.annealing_ratio, generator=generator, device=positions.device
-            )
-            return AttentionLayout("annealed", positions, doc_ids, is_open=is_open)
-        return AttentionLayout(pattern, positions, doc_ids, block_size=self.config.block_size)
+        return self.config.attention_pattern.layout(
+            self.config,
+            positions,
+            doc_ids,
+            training=self.training,
+            annealing_ratio=self.annealing_ratio,
+            generator=generator,
+        )
 
     def forward(
         self,
@@ -374,8 +371,8 @@ class DiffusionLM(PreTrainedModel):
     def _allows_every_pair(self, layout: AttentionLayout, past_length: int, length: int) -> bool:
         """Whether every query may attend to every key, for unpadded single-document input (host-side facts only).
 
-        Bidirectional attention always; block attention when the input lies in one block and the cache holds
-        everything before it (a decoding window); never for the two-stream layout or the annealed training pattern.
+        The pattern decides (`AttentionPattern.allows_every_pair`): bidirectional attention always; block attention
+        when the input lies in one block and the cache holds everything before it (a decoding window).
         Gradient checkpointing (transformers' or a `CheckpointWrapper`, as FSDP's activation checkpointing applies)
         recomputes layers in backward, outside the forward's `non_causal` context: it keeps the masked path.
         """
@@ -384,11 +381,9 @@ class DiffusionLM(PreTrainedModel):
             or any(type(module).__name__ == "CheckpointWrapper" for module in self.model.modules())
         ):
             return False
-        if layout.pattern == "bidirectional":
-            return True
-        if layout.pattern == "block" and layout.is_clean is None:
-            return past_length // layout.block_size == (past_length + length - 1) // layout.block_size
-        return False
+        return get_attention_pattern(layout.pattern, selectable_only=False).allows_every_pair(
+            layout, past_length, length
+        )
 
     def _attention_modules(self) -> list[torch.nn.Module]:
         """The modules carrying an `is_causal` flag (attention layers), found once."""
@@ -439,7 +434,7 @@ class DiffusionLM(PreTrainedModel):
         if config.shift:
             is_target &= positions > 0  # [B, L]
         # 2. time: one per block of each document (block attention) or per document, the groups of the attention
-        block_size = config.block_size if config.attention == "block" else None
+        block_size = config.attention_block_size
         if t is None:
             if is_masked is not None:
                 raise ValueError("An explicit `is_masked` needs the time `t` it was drawn at.")
@@ -638,9 +633,14 @@ def _check_attention_backend(config: DiffusionConfig, implementation: str | None
     """Flash kernels take only a 2D padding mask: causal or fully bidirectional, nothing in between."""
     if not (implementation or "").startswith("flash_attention"):
         return
-    if config.attention != "bidirectional":
+    if not config.attention_pattern.supports_backend(implementation):
+        supported = [
+            name for name in selectable_patterns() if get_attention_pattern(name).supports_backend(implementation)
+        ]
         raise ValueError(
-            f"attn_implementation={implementation!r} supports only attention='bidirectional', got "
+            f"attn_implementation={implementation!r} supports only "
+            + " or ".join(f"attention={name!r}" for name in supported)
+            + f", got "
             f"attention={config.attention!r}; use attn_implementation='sdpa' (or 'flex_attention' on a GPU)."
         )
     if importlib.util.find_spec("flash_attn") is None:

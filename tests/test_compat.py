@@ -141,7 +141,9 @@ def test_sdpa_reads_the_modules_is_causal_flag_when_a_layer_gets_no_mask():
 def test_wrapping_keeps_the_pretrained_weights():
     base = tiny_causal_lm("llama", "sdpa")
     before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
-    model = DiffusionLM(DiffusionConfig(attention="block", block_size=4, mask_token_id=MASK_ID, base_config=base.config), base)
+    model = DiffusionLM(
+        DiffusionConfig(attention="block", block_size=4, mask_token_id=MASK_ID, base_config=base.config), base
+    )
     for name, tensor in model.causal_lm.state_dict().items():
         assert torch.equal(tensor, before[name]), f"{hook_message('mark_initialized')}: {name} was re-initialised"
 
@@ -190,7 +192,9 @@ def test_the_trainer_counts_every_target_label(tmp_path):
 def test_a_wrong_count_or_a_missing_flag_is_named():
     labels = torch.tensor([[-100, 3, 4, -100]])
     _compat.check_num_items_in_batch(torch.tensor(2), labels)
-    with pytest.raises(_compat.HostCompatibilityError, match=r"hook `disable_label_shift_count`.*counted num_items_in_batch=1"):
+    with pytest.raises(
+        _compat.HostCompatibilityError, match=r"hook `disable_label_shift_count`.*counted num_items_in_batch=1"
+    ):
         _compat.check_num_items_in_batch(torch.tensor(1), labels)
     with pytest.raises(_compat.HostCompatibilityError, match=r"hook `disable_label_shift_count`"):
         _compat.disable_label_shift_count(object())
