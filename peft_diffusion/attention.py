@@ -427,13 +427,3 @@ def install_mask_interface() -> None:
         _compat.check_mask_materialiser(backend, current)
         _ORIGINAL_MATERIALISERS[backend] = current
         AttentionMaskInterface.register(backend, _wrap_materialiser(backend, current))
-
-
-def annealing_ratio(step: int, anneal_steps: int) -> float:
-    """DiffuLLaMA's attention-mask annealing: the opened fraction grows linearly from 0 to 1 over `anneal_steps`
-    optimizer steps, then the attention stays bidirectional (`anneal_steps=0`: bidirectional from the start)."""
-    if anneal_steps < 0:
-        raise ValueError(f"`anneal_steps` must be >= 0, got anneal_steps={anneal_steps}.")
-    if anneal_steps == 0:
-        return 1.0
-    return min(1.0, max(0, step) / anneal_steps)

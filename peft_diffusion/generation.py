@@ -375,8 +375,7 @@ def infill(
     if steps < num_blocks:
         raise ValueError(
             f"`steps` must be at least the number of blocks holding masked positions ({num_blocks}), got "
-            f"steps={steps}; use steps >= {num_blocks}"
-            + ("." if grid is not None else " or a larger block_length.")
+            f"steps={steps}; use steps >= {num_blocks}" + ("." if grid is not None else " or a larger block_length.")
         )
     if grid is not None:
         steps_per_block = math.ceil(steps * block_length / most)

@@ -41,13 +41,9 @@ from .attention import (
     two_stream_layout,
 )
 from .config import DEFAULT_MASK_TOKEN, DiffusionConfig
-from .loss import diffusion_loss
-from .noise import complementary, corrupt, group_time, masked_corruption, sample_time
+from .objective import diffusion_objective
 
 logger = logging.getLogger(__name__)
-
-# Noise-level buckets of the loss-by-t statistics: t in [0, 0.25), [0.25, 0.5), [0.5, 0.75), [0.75, 1].
-T_BUCKET_EDGES = torch.tensor([0.25, 0.5, 0.75])
 
 DIFFUSION_CONFIG_NAME = "diffusion_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -250,7 +246,7 @@ class DiffusionLM(PreTrainedModel):
                 With labels, `input_ids` are the clean tokens x_0 and the forward returns the diffusion loss: the
                 tokens with `labels != -100` are the targets (prompt and padding stay clean), a time t and a
                 corruption are drawn (`noise.py`), and the masked cross-entropy is weighted by the ELBO weight
-                (`loss.py`). Like a causal LM with labels, but the labels are not shifted by the caller.
+                (`loss.py`); one step of `objective.diffusion_objective`. Like a causal LM with labels, but the labels are not shifted by the caller.
             t (`torch.Tensor` of shape `(batch_size,)` or `(batch_size, num_blocks)`, *optional*): an explicit time
                 (per block under block attention) instead of a draw.
             is_masked (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*): explicit masked
@@ -275,7 +271,8 @@ class DiffusionLM(PreTrainedModel):
                 raise ValueError("Pass the KV cache once, as `cache` (`past_key_values` is its older name).")
             cache = kwargs.pop("past_key_values")
         if labels is not None:
-            return self._loss_forward(
+            step = diffusion_objective(
+                self,
                 input_ids,
                 labels,
                 attention_mask=attention_mask,
@@ -290,6 +287,7 @@ class DiffusionLM(PreTrainedModel):
                 num_items_in_batch=num_items_in_batch,
                 **kwargs,
             )
+            return DiffusionLMOutput(loss=step.loss, logits=step.logits, metrics=step.metrics)
         embeds = input_ids if input_ids is not None else inputs_embeds
         batch_size, length = embeds.shape[:2]
         device = embeds.device
@@ -390,123 +388,6 @@ class DiffusionLM(PreTrainedModel):
         if getattr(self, "_is_causal_modules", None) is None:
             self._is_causal_modules = _compat.attention_is_causal_modules(self.causal_lm)
         return self._is_causal_modules
-
-    def _loss_forward(
-        self,
-        input_ids: torch.LongTensor,
-        labels: torch.LongTensor,
-        *,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.LongTensor | None,
-        generator: torch.Generator | None,
-        t: torch.Tensor | None,
-        is_masked: torch.Tensor | None,
-        time_eps: float,
-        antithetic_time: bool,
-        complementary_masking: bool,
-        normalization: str,
-        num_items_in_batch,
-        **kwargs,
-    ) -> DiffusionLMOutput:
-        """The masked-diffusion loss (DiffuLLaMA eq. for L_t, MDLM): corrupt the targets, predict them, weight by 1/t.
-
-        1. targets: `labels != -100`, minus the first token of every document under shift (nothing precedes it);
-        2. time: drawn unless given, one t per document, or per block of each document under block attention
-           (`noise.group_time`: packed documents and left padding follow positions, as the attention does); a given
-           `t` is per sequence, per column block or per token;
-        3. corruption: the masking policy of the config (`noise.corrupt`), or the given `is_masked`;
-           optionally the complementary copy;
-        4. logits on x_t (two-stream `[x_t ; x_0]` under block attention with clean context);
-        5. `loss.diffusion_loss`.
-        """
-        config = self.config
-        batch_size, length = input_ids.shape
-        if labels.shape != input_ids.shape:
-            raise ValueError(
-                f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}; "
-                "labels are aligned to positions (not shifted)."
-            )
-        # 1. targets
-        is_target = labels != -100  # [B, L]
-        if attention_mask is not None:
-            is_target &= attention_mask.bool()
-        positions, doc_ids = positions_from_inputs(attention_mask, position_ids, batch_size, length, input_ids.device)
-        if config.shift:
-            is_target &= positions > 0  # [B, L]
-        # 2. time: one per block of each document (block attention) or per document, the groups of the attention
-        block_size = config.attention_block_size
-        if t is None:
-            if is_masked is not None:
-                raise ValueError("An explicit `is_masked` needs the time `t` it was drawn at.")
-            draws = sample_time(
-                batch_size,
-                length,
-                eps=time_eps,
-                antithetic=antithetic_time,
-                generator=generator,
-                device=input_ids.device,
-            )  # [B, L]
-            t = group_time(draws, positions, doc_ids, block_size)  # [B, L]
-        # 3. corruption
-        noise = dict(
-            mask_token_id=config.mask_token_id,
-            schedule=config.noise_schedule,
-            masking=config.masking,
-            strength=config.masking_strength,
-            block_size=block_size,
-            positions=positions,
-        )
-        if is_masked is None:
-            corruption = corrupt(input_ids, is_target, t, generator=generator, **noise)
-        else:
-            corruption = masked_corruption(input_ids, is_target, is_masked, t, **noise)
-        corruptions = [corruption]
-        if complementary_masking:
-            corruptions.append(complementary(corruption, input_ids, is_target, config.mask_token_id))
-        noisy_ids = torch.cat([c.noisy_ids for c in corruptions])  # [B or 2B, L]
-        repeat = len(corruptions)
-
-        def repeated(tensor):
-            return None if tensor is None else tensor.repeat(repeat, *([1] * (tensor.dim() - 1)))
-
-        # 4. logits on x_t
-        outputs = self(
-            input_ids=noisy_ids,
-            attention_mask=repeated(attention_mask),
-            position_ids=repeated(position_ids),
-            clean_input_ids=repeated(input_ids) if config.uses_clean_context else None,
-            generator=generator,
-            **kwargs,
-        )
-        # 5. the loss
-        result = diffusion_loss(
-            outputs.logits,
-            repeated(input_ids),
-            torch.cat([c.is_masked for c in corruptions]),
-            repeated(is_target),
-            torch.cat([c.elbo_weight for c in corruptions]),
-            normalization=normalization,
-            num_items_in_batch=None if num_items_in_batch is None else num_items_in_batch * repeat,
-        )
-        with torch.no_grad():
-            num_targets = is_target.sum().clamp(min=1)
-            # the loss by noise level: masked CE summed per bucket of t, and the masked targets per bucket
-            is_scored = torch.cat([c.is_masked for c in corruptions]) & repeated(is_target)  # [B or 2B, L]
-            bucket = torch.bucketize(
-                torch.cat([c.t for c in corruptions]), T_BUCKET_EDGES.to(input_ids.device), right=True
-            )  # [B or 2B, L]
-            num_buckets = len(T_BUCKET_EDGES) + 1
-            metrics = {
-                "masked_ce": result.masked_ce.detach(),
-                "mean_t": (corruption.t * is_target).sum() / num_targets,
-                "masked_fraction": (corruption.is_masked.sum() / num_targets).float(),
-                "num_targets": is_target.sum(),
-                "ce_sum_by_t": torch.zeros(num_buckets, device=input_ids.device).index_add_(
-                    0, bucket[is_scored], result.token_ce[is_scored]
-                ),  # [4]
-                "masked_by_t": torch.bincount(bucket[is_scored], minlength=num_buckets),  # [4]
-            }
-        return DiffusionLMOutput(loss=result.loss, logits=outputs.logits, metrics=metrics)
 
     def _align(
         self, raw_logits: torch.Tensor, length: int, two_stream: bool, positions: torch.Tensor, keep: int | None = None

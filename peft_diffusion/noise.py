@@ -31,12 +31,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 __all__ = [
-    "EOS_POLICIES",
     "MASKING_POLICIES",
     "NOISE_SCHEDULES",
     "CosineNoiseSchedule",
@@ -48,7 +47,6 @@ __all__ = [
     "complementary",
     "corrupt",
     "elbo_weight",
-    "eos_targets",
     "expand_time",
     "get_masking_policy",
     "get_noise_schedule",
@@ -737,76 +735,4 @@ def complementary(
         t=1.0 - corruption.t,
         mask_prob=mask_prob,
         elbo_weight=weight,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# EOS / padding targets for instruction data
-# ----------------------------------------------------------------------------------------------------------------
-
-EOS_POLICIES = ("none", "all")
-
-
-def eos_targets(
-    labels: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    eos_token_id: int,
-    policy: Literal["none", "all"] = "none",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decide whether the padding after an answer is a target.
-
-    - `"none"` (default): padding (`attention_mask == 0`) is never a target; the answer's own EOS, when the chat
-      template labels it, stays a target, so the model still learns to stop. Default because padding length depends
-      on the other examples of the batch: making it a target changes the objective with the batch composition and
-      floods short answers' loss with easy EOS predictions. It is the right choice for block-wise decoding, which
-      stops at the first EOS.
-    - `"all"` (LLaDA SFT): the run of padding/EOS tokens right after the last target of each row becomes EOS
-      targets, attended to like real tokens, so the model learns to fill the unused tail of a fixed-length canvas
-      with EOS (needed for full-sequence decoding, where the answer length is not known in advance).
-
-    Args:
-        labels (`torch.LongTensor` of shape `[B, L]`): -100 on non-targets.
-        input_ids (`torch.LongTensor` of shape `[B, L]`): token ids.
-        attention_mask (`torch.LongTensor` of shape `[B, L]`): 1 on real tokens, 0 on padding.
-        eos_token_id (`int`): id of the EOS token.
-        policy (`str`, defaults to `"none"`): one of `EOS_POLICIES`.
-
-    Returns:
-        `(input_ids, labels, attention_mask)`, each `[B, L]`; new tensors, the inputs are not modified. With `"all"`
-        the trailing padding holds `eos_token_id` in `input_ids` and `labels` and 1 in `attention_mask`.
-
-    Example:
-    ```python
-    >>> import torch
-    >>> from peft_diffusion.noise import eos_targets
-    >>> labels = torch.tensor([[-100, 7, 2, -100]])
-    >>> input_ids = torch.tensor([[5, 7, 2, 0]])
-    >>> attention_mask = torch.tensor([[1, 1, 1, 0]])
-    >>> eos_targets(labels, input_ids, attention_mask, eos_token_id=2, policy="all")[1]
-    tensor([[-100,    7,    2,    2]])
-    ```
-    """
-    if policy not in EOS_POLICIES:
-        raise ValueError(f"`policy` must be one of {list(EOS_POLICIES)}, got policy={policy!r}.")
-    if not labels.shape == input_ids.shape == attention_mask.shape:
-        raise ValueError(
-            f"`labels`, `input_ids` and `attention_mask` must have the same shape, got {tuple(labels.shape)}, "
-            f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}."
-        )
-    is_padding = attention_mask == 0  # [B, L]
-    if policy == "none":
-        return input_ids.clone(), labels.masked_fill(is_padding, -100), attention_mask.clone()
-    # "all": the maximal run of padding/EOS right after the last target becomes EOS targets
-    positions = torch.arange(labels.shape[1], device=labels.device)  # [L]
-    is_target = (labels != -100) & ~is_padding  # [B, L]
-    last_target = torch.where(is_target, positions, -1).amax(dim=-1, keepdim=True)  # [B, 1]
-    is_after = (positions > last_target) & (last_target >= 0)  # [B, L]
-    is_filler = is_padding | (input_ids == eos_token_id)  # [B, L]
-    first_content = torch.where(is_after & ~is_filler, positions, labels.shape[1]).amin(dim=-1, keepdim=True)  # [B, 1]
-    is_trailing = is_after & (positions < first_content)  # [B, L]
-    return (
-        input_ids.masked_fill(is_trailing, eos_token_id),
-        labels.masked_fill(is_padding & ~is_trailing, -100).masked_fill(is_trailing, eos_token_id),
-        attention_mask.masked_fill(is_trailing, 1),
     )

@@ -24,9 +24,10 @@ import importlib.util
 import logging
 import math
 import os
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import PeftConfig, set_peft_model_state_dict
@@ -35,11 +36,11 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTTrainer
 
 from . import _compat
-from .attention import annealing_ratio, positions_from_inputs
+from .attention import positions_from_inputs
 from .config import DiffusionConfig
-from .model import T_BUCKET_EDGES, DiffusionLM, get_diffusion_model
-from .noise import eos_targets
-from .training_config import DiffusionTrainingConfig
+from .model import DiffusionLM, get_diffusion_model
+from .objective import reduce_metrics
+from .training_config import EOS_POLICIES, DiffusionTrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +49,93 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _USABLE_COLUMNS = (
     "`text` (or `dataset_text_field`), `prompt` + `completion`, `messages`, `conversations` or `input_ids`"
 )
-# Logged metric names, in the order of the vector `compute_loss` stacks.
-METRIC_NAMES = ("masked_ce", "mean_t", "masked_fraction")
-# Names of the loss-by-noise-level metrics: the masked CE of the masked targets whose t falls in each bucket.
-T_BUCKET_NAMES = tuple(
-    f"masked_ce_by_t/{lo:.2f}-{hi:.2f}"
-    for lo, hi in zip([0.0, *T_BUCKET_EDGES.tolist()], [*T_BUCKET_EDGES.tolist(), 1.0])
-)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training schedule and label preparation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def annealing_ratio(step: int, anneal_steps: int) -> float:
+    """DiffuLLaMA's attention-mask annealing: the opened fraction grows linearly from 0 to 1 over `anneal_steps`
+    optimizer steps, then the attention stays bidirectional (`anneal_steps=0`: bidirectional from the start)."""
+    if anneal_steps < 0:
+        raise ValueError(f"`anneal_steps` must be >= 0, got anneal_steps={anneal_steps}.")
+    if anneal_steps == 0:
+        return 1.0
+    return min(1.0, max(0, step) / anneal_steps)
+
+
+def eos_targets(
+    labels: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eos_token_id: int,
+    policy: Literal["none", "all"] = "none",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decide whether the padding after an answer is a target.
+
+    - `"none"` (default): padding (`attention_mask == 0`) is never a target; the answer's own EOS, when the chat
+      template labels it, stays a target, so the model still learns to stop. Default because padding length depends
+      on the other examples of the batch: making it a target changes the objective with the batch composition and
+      floods short answers' loss with easy EOS predictions. It is the right choice for block-wise decoding, which
+      stops at the first EOS.
+    - `"all"` (LLaDA SFT): the run of padding/EOS tokens right after the last target of each row becomes EOS
+      targets, attended to like real tokens, so the model learns to fill the unused tail of a fixed-length canvas
+      with EOS (needed for full-sequence decoding, where the answer length is not known in advance).
+
+    Args:
+        labels (`torch.LongTensor` of shape `[B, L]`): -100 on non-targets.
+        input_ids (`torch.LongTensor` of shape `[B, L]`): token ids.
+        attention_mask (`torch.LongTensor` of shape `[B, L]`): 1 on real tokens, 0 on padding.
+        eos_token_id (`int`): id of the EOS token.
+        policy (`str`, defaults to `"none"`): one of `EOS_POLICIES`.
+
+    Returns:
+        `(input_ids, labels, attention_mask)`, each `[B, L]`; new tensors, the inputs are not modified. With `"all"`
+        the trailing padding holds `eos_token_id` in `input_ids` and `labels` and 1 in `attention_mask`.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from peft_diffusion.trainer import eos_targets
+    >>> labels = torch.tensor([[-100, 7, 2, -100]])
+    >>> input_ids = torch.tensor([[5, 7, 2, 0]])
+    >>> attention_mask = torch.tensor([[1, 1, 1, 0]])
+    >>> eos_targets(labels, input_ids, attention_mask, eos_token_id=2, policy="all")[1]
+    tensor([[-100,    7,    2,    2]])
+    ```
+    """
+    if policy not in EOS_POLICIES:
+        raise ValueError(f"`policy` must be one of {list(EOS_POLICIES)}, got policy={policy!r}.")
+    if not labels.shape == input_ids.shape == attention_mask.shape:
+        raise ValueError(
+            f"`labels`, `input_ids` and `attention_mask` must have the same shape, got {tuple(labels.shape)}, "
+            f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}."
+        )
+    is_padding = attention_mask == 0  # [B, L]
+    if policy == "none":
+        return input_ids.clone(), labels.masked_fill(is_padding, -100), attention_mask.clone()
+    # "all": the maximal run of padding/EOS right after the last target becomes EOS targets
+    positions = torch.arange(labels.shape[1], device=labels.device)  # [L]
+    is_target = (labels != -100) & ~is_padding  # [B, L]
+    last_target = torch.where(is_target, positions, -1).amax(dim=-1, keepdim=True)  # [B, 1]
+    is_after = (positions > last_target) & (last_target >= 0)  # [B, L]
+    is_filler = is_padding | (input_ids == eos_token_id)  # [B, L]
+    first_content = torch.where(is_after & ~is_filler, positions, labels.shape[1]).amin(dim=-1, keepdim=True)  # [B, 1]
+    is_trailing = is_after & (positions < first_content)  # [B, L]
+    return (
+        input_ids.masked_fill(is_trailing, eos_token_id),
+        labels.masked_fill(is_padding & ~is_trailing, -100).masked_fill(is_trailing, eos_token_id),
+        attention_mask.masked_fill(is_trailing, 1),
+    )
 
 
 @dataclass
 class DiffusionDataCollator:
     """Wraps TRL's collator: fixes the targets before the Trainer counts `num_items_in_batch` (`labels != -100`).
 
-    1. `eos_policy="all"`: padding after each answer becomes EOS targets (`noise.eos_targets`, LLaDA SFT);
+    1. `eos_policy="all"`: padding after each answer becomes EOS targets (`eos_targets`, LLaDA SFT);
     2. under the shift, the first token of each document has no left neighbour, so it is never a target (TRL's
        padding-free collator already does this; padded batches start a document at position 0 of each row).
     """
@@ -215,7 +289,7 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
             eos_policy=args.eos_policy,
             eos_token_id=getattr(self.processing_class, "tokenizer", self.processing_class).eos_token_id,
         )
-        self._diffusion_metrics = {"train": [], "eval": []}
+        self._diffusion_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._num_items_checked = False
         self._eval_generator: torch.Generator | None = None
 
@@ -230,7 +304,7 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         2. the forward with labels (training: the configured knobs; evaluation: the per-token ELBO, a fixed noise
            seed, no complementary copy);
         3. DDP averages gradients over ranks while `num_items_in_batch` counts every rank's tokens: scale back;
-        4. detached metrics, gathered over ranks, averaged at the next log.
+        4. detached metrics by name, gathered over ranks, reduced at the next log (`objective.reduce_metrics`).
         """
         args = self.args
         training = self.model.training
@@ -260,22 +334,13 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         # 3. token averaging across ranks
         if training and args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
-        # 4. metrics
-        metrics = outputs.metrics
-        with torch.no_grad():
-            values = torch.cat(
-                [
-                    torch.stack([metrics[name].float() for name in METRIC_NAMES]),  # [3]
-                    metrics["ce_sum_by_t"].float(),  # [4]
-                    metrics["masked_by_t"].float(),  # [4]
-                ]
-            )  # [11]
-            if not training:
-                # the token-weighted ELBO over the eval set: sum of per-token bounds and number of targets
-                num_targets = metrics["num_targets"].float()
-                values = torch.cat([values, torch.stack([outputs.loss.detach().float() * num_targets, num_targets])])
-            gathered = self.accelerator.gather(values[None])  # [world, 11 or 13]
-        self._diffusion_metrics[mode].append(gathered)
+        # 4. metrics, by name
+        metrics = dict(outputs.metrics)
+        if not training:
+            # the token-weighted ELBO over the eval set: sum of per-token bounds and number of targets
+            metrics["nll_sum"] = outputs.loss.detach() * metrics["num_targets"]
+        for name, value in self._gather_metrics(metrics).items():
+            self._diffusion_metrics[mode][name].append(value)
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, *args, **kwargs):
@@ -284,22 +349,25 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         self._eval_generator = torch.Generator(device=self.args.device).manual_seed(self.args.seed)
         return super().evaluate(*args, **kwargs)
 
+    @torch.no_grad()
+    def _gather_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Gather the step's metrics over ranks in one collective: `[world]` per scalar, `[world, n]` per vector."""
+        names = sorted(metrics)
+        flat = [metrics[name].detach().float().reshape(-1) for name in names]
+        sizes = [value.numel() for value in flat]
+        gathered = self.accelerator.gather(torch.cat(flat)[None])  # [world, sum(sizes)]
+        parts = gathered.split(sizes, dim=1)
+        return {name: part[:, 0] if size == 1 else part for name, part, size in zip(names, parts, sizes)}
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         collected = self._diffusion_metrics[mode]
         if collected:
-            stacked = torch.cat(collected)  # [steps * world, 11 or 13]
-            num_metrics, num_buckets = len(METRIC_NAMES), len(T_BUCKET_NAMES)
-            means = stacked[:, :num_metrics].mean(0).tolist()
             prefix = "eval_" if mode == "eval" else ""
-            logs.update({f"{prefix}{name}": value for name, value in zip(METRIC_NAMES, means)})
-            # masked CE by noise level: token-weighted over the logging window; empty buckets are not logged
-            by_t = stacked[:, num_metrics : num_metrics + 2 * num_buckets].sum(0).view(2, num_buckets).tolist()
-            for name, ce_sum, count in zip(T_BUCKET_NAMES, *by_t):
-                if count > 0:
-                    logs[f"{prefix}{name}"] = ce_sum / count
-            if mode == "eval":
-                nll_sum, num_targets = stacked[:, num_metrics + 2 * num_buckets :].sum(0).tolist()
+            logs.update(reduce_metrics(collected, prefix))
+            if mode == "eval" and collected.get("nll_sum"):
+                nll_sum = torch.cat(collected["nll_sum"]).sum().item()
+                num_targets = torch.cat(collected["num_targets"]).sum().item()
                 nll_bound = nll_sum / max(num_targets, 1.0)
                 logs["eval_nll_bound"] = nll_bound
                 logs["eval_ppl_bound"] = math.exp(min(nll_bound, 700.0))

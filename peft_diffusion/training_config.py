@@ -13,7 +13,9 @@ import torch
 from trl import SFTConfig
 
 from .loss import NORMALIZATIONS
-from .noise import EOS_POLICIES
+
+# What happens to the padding after an answer (`trainer.eos_targets`).
+EOS_POLICIES = ("none", "all")
 
 
 @dataclass
@@ -39,7 +41,7 @@ class DiffusionTrainingConfig(SFTConfig):
         eos_policy (`str`, defaults to `"none"`):
             `"none"`: padding is never a target. `"all"` (LLaDA SFT): the padding after each answer becomes EOS
             targets, so the model learns to fill the tail of a fixed-length canvas with EOS. Needs padded batches
-            (not packing / padding-free). See `peft_diffusion.noise.eos_targets`.
+            (not packing / padding-free). See `peft_diffusion.trainer.eos_targets`.
         gradient_checkpointing (`bool`, *optional*):
             Alias of `activation_checkpointing`. TRL turns it on by default; here it defaults to on only when a CUDA
             device is present (on CPU it only costs time).

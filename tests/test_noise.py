@@ -12,7 +12,6 @@ from peft_diffusion.noise import (
     complementary,
     corrupt,
     elbo_weight,
-    eos_targets,
     expand_time,
     get_masking_policy,
     get_noise_schedule,
@@ -23,6 +22,7 @@ from peft_diffusion.noise import (
     sample_time,
     uniform_masking,
 )
+from peft_diffusion.trainer import eos_targets
 
 MASK_ID = 99
 

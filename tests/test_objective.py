@@ -8,8 +8,8 @@ from conftest import MASK_ID, tiny_causal_lm
 from peft import LoraConfig
 
 from peft_diffusion import DiffusionConfig, get_diffusion_model
-from peft_diffusion.attention import annealing_ratio
 from peft_diffusion.noise import corrupt, group_time, sample_time
+from peft_diffusion.trainer import annealing_ratio
 
 
 def batch(seed=0, length=8):
