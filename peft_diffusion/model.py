@@ -42,6 +42,7 @@ from .attention import (
 )
 from .config import DEFAULT_MASK_TOKEN, DiffusionConfig
 from .objective import diffusion_objective
+from .probe import probe_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -627,7 +628,7 @@ def get_diffusion_model(
     diffusion_model = DiffusionLM(config, model=model)
     # 5. probe unknown architectures
     if not is_verified(diffusion_model.causal_lm.config):
-        probe_architecture(diffusion_model)
+        probe_architecture(diffusion_model.causal_lm)
     return diffusion_model
 
 
@@ -694,35 +695,3 @@ def _nf4_config(dtype=None):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
     )
-
-
-@torch.no_grad()
-def probe_architecture(model: DiffusionLM) -> None:
-    """Check once that the diffusion pattern reaches the attention of an architecture outside the verified table.
-
-    Under a bidirectional layout, changing the last token must change the output at position 0; under the causal
-    layout it must not. Raises `ValueError` when the model builds its masks outside transformers' mask machinery.
-    """
-    causal_lm = model.causal_lm
-    was_training = causal_lm.training
-    causal_lm.eval()
-    vocab = causal_lm.get_input_embeddings().weight.shape[0]
-    device = causal_lm.get_input_embeddings().weight.device
-    input_ids = torch.tensor([[1, 2, 3, 4, 5, 6]], device=device) % vocab
-    changed = input_ids.clone()
-    changed[0, -1] = (changed[0, -1] + 7) % vocab
-    positions, doc_ids = positions_from_inputs(None, None, 1, input_ids.shape[1], device)
-
-    def first_logits(ids, pattern):
-        with diffusion_attention(AttentionLayout(pattern, positions, doc_ids)):
-            return model.model(input_ids=ids, position_ids=positions).logits[0, 0].float()
-
-    reaches = not torch.allclose(first_logits(input_ids, "bidirectional"), first_logits(changed, "bidirectional"))
-    leaks = not torch.allclose(first_logits(input_ids, "causal"), first_logits(changed, "causal"))
-    causal_lm.train(was_training)
-    if not reaches or leaks:
-        raise ValueError(
-            f"Model type {causal_lm.config.model_type!r} does not build its attention masks through transformers' "
-            "masking_utils, so a diffusion attention pattern cannot reach it. Supported architectures include "
-            "llama, mistral, qwen2/3, gemma 1-3, phi3, gpt2, gpt_neox, olmo2, stablelm, granite, starcoder2."
-        )

@@ -59,7 +59,7 @@ def test_config_round_trips_with_base_config_as_sub_config(tmp_path):
         ({"block_size": -4}, "`block_size` must be a positive integer"),
         ({"noise_schedule": "quadratic"}, "`noise_schedule` must be one of"),
         ({"masking": "random"}, "`masking` must be one of"),
-        ({"masking_strength": -1.0}, "`masking_strength` must be >= 0"),
+        ({"masking_strength": -1.0}, r"`masking_strength` must be a number in \[0, 10\]"),
         ({"mask_token_id": -1}, "`mask_token_id` must be a non-negative int"),
     ],
 )
@@ -313,21 +313,37 @@ def test_hybrid_layer_types_are_refused():
         )
 
 
-def test_unverified_architecture_is_probed():
-    # An architecture outside the verified table takes the generic path after a probe (gemma3_text is real and
-    # uses transformers' mask builders: the probe passes).
-    base = tiny_causal_lm("mixtral", num_local_experts=2, num_experts_per_tok=1)
-    model = get_diffusion_model(base, DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID))
-    assert model.config.base_config.model_type == "mixtral"
+def unknown_architecture():
+    """A real llama renamed to a model type the table does not know (as remote code or a newer transformers)."""
+    base = tiny_causal_lm("llama")
+    base.config.model_type = "my_remote_llama"
+    return base
+
+
+def test_unverified_architecture_is_probed(monkeypatch):
+    # An architecture outside the table takes the generic path after a probe, which must actually run.
+    from peft_diffusion import model as model_module
+
+    calls = []
+    probe = model_module.probe_architecture
+    monkeypatch.setattr(
+        model_module, "probe_architecture", lambda causal_lm: calls.append(causal_lm) or probe(causal_lm)
+    )
+    model = get_diffusion_model(
+        unknown_architecture(), DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID)
+    )
+    assert model.config.base_config.model_type == "my_remote_llama"
+    assert calls == [model.causal_lm]
+    get_diffusion_model(tiny_causal_lm("llama"), DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID))
+    assert len(calls) == 1  # verified types are not probed
 
 
 def test_probe_rejects_a_model_that_ignores_the_mask(monkeypatch):
-    from peft_diffusion import model as model_module
+    from peft_diffusion import probe as probe_module
 
-    base = tiny_causal_lm("mixtral", num_local_experts=2, num_experts_per_tok=1)
-    monkeypatch.setattr(model_module, "diffusion_attention", lambda layout: _null_context())
-    with pytest.raises(ValueError, match="masking_utils"):
-        get_diffusion_model(base, DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID))
+    monkeypatch.setattr(probe_module, "diffusion_attention", lambda layout: _null_context())
+    with pytest.raises(ValueError, match="'my_remote_llama' failed the diffusion attention probe"):
+        get_diffusion_model(unknown_architecture(), DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID))
 
 
 class _null_context:
