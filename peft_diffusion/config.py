@@ -7,13 +7,76 @@ diffusion model rebuilds its base with the ordinary transformers class. Training
 
 from __future__ import annotations
 
+import difflib
+import logging
+import math
+from contextvars import ContextVar
+
 from transformers import AutoConfig, PreTrainedConfig
 
 from ._compat import SubConfigSpec
 from .attention import AttentionPattern, get_attention_pattern
 from .noise import MASKING_POLICIES, NOISE_SCHEDULES
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MASK_TOKEN = "<|mask|>"
+# Keys `PreTrainedConfig` itself reads or writes for backward compatibility (beyond what its `to_dict` emits); any
+# other unknown keyword is a typo.
+_HOST_KEYS = frozenset(
+    {
+        "model_type",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "num_labels",
+        "architectures",
+        "auto_map",
+        "use_cache",
+        "name_or_path",
+        "attn_implementation",
+        "experts_implementation",
+        "trust_remote_code",
+        "revision",
+        "token",
+        "cache_dir",
+        "local_files_only",
+        "force_download",
+        "subfolder",
+        "return_unused_kwargs",
+    }
+)
+
+
+def _host_keys() -> frozenset[str]:
+    """Every key a plain `PreTrainedConfig` serialises or reads back (`to_dict` of a default config)."""
+    global _ALL_HOST_KEYS
+    if _ALL_HOST_KEYS is None:
+        _ALL_HOST_KEYS = _HOST_KEYS | frozenset(PreTrainedConfig().to_dict())
+    return _ALL_HOST_KEYS
+
+
+_ALL_HOST_KEYS: frozenset[str] | None = None
+# True while a config is rebuilt from a dict (a saved file, or a copy): unknown keys are then logged, not refused, so
+# a file written by another transformers release still loads.
+_FROM_DICT: ContextVar[bool] = ContextVar("peft_diffusion_config_from_dict", default=False)
+# Beyond this position-dependent masking strength, most late targets are masked with certainty and carry no ELBO
+# weight (their per-token schedule is flat), so the loss loses its signal (`noise.position_dependent_masking`).
+MAX_MASKING_STRENGTH = 10.0
+# The field types checked at construction (bool is not accepted where an int is expected, nor a string for a bool).
+_FIELD_TYPES = {
+    "attention": (str,),
+    "block_size": (int,),
+    "clean_context": (bool,),
+    "shift": (bool,),
+    "mask_token_id": (int, type(None)),
+    "mask_token": (str, type(None)),
+    "noise_schedule": (str,),
+    "masking": (str,),
+    "masking_strength": (int, float),
+    "base_model_name_or_path": (str, type(None)),
+    "base_fingerprint": (dict, type(None)),
+}
 
 
 class DiffusionConfig(PreTrainedConfig):
@@ -48,6 +111,9 @@ class DiffusionConfig(PreTrainedConfig):
             The base causal LM's config, kept as a sub-config.
         base_model_name_or_path (`str`, *optional*):
             Where the base weights come from (a Hub id or a folder), used to reload a LoRA adapter.
+        base_fingerprint (`dict`, *optional*):
+            What identifies the base model (name, revision, config hash, vocabulary size, a weight checksum); set by
+            `get_diffusion_model`, checked when an adapter is loaded onto a base (`model.base_fingerprint`).
 
     Example:
     ```python
@@ -72,13 +138,38 @@ class DiffusionConfig(PreTrainedConfig):
     masking_strength: float = 0.0
     base_config: dict | PreTrainedConfig | None = None
     base_model_name_or_path: str | None = None
+    base_fingerprint: dict | None = None
 
     def __post_init__(self, **kwargs):
+        unknown = sorted(
+            key
+            for key in kwargs
+            if not key.startswith("_") and not key.endswith("_token_id") and key not in _host_keys()
+        )
+        if unknown and _FROM_DICT.get():
+            logger.warning("DiffusionConfig: ignoring unknown keys %s of the saved config.", unknown)
+        elif unknown:
+            fields = sorted(_FIELD_TYPES) + ["base_config"]
+            hints = [
+                f"{key!r} (did you mean {match[0]!r}?)"
+                if (match := difflib.get_close_matches(key, fields, 1))
+                else repr(key)
+                for key in unknown
+            ]
+            raise ValueError(
+                f"Unknown `DiffusionConfig` argument(s): {', '.join(hints)}. The fields are {fields}; training knobs "
+                "belong in `DiffusionTrainingConfig`, decoding knobs in `DiffusionGenerationConfig`."
+            )
         super().__post_init__(**kwargs)
         self.validate_diffusion()
 
     def validate_diffusion(self) -> None:
         """Check every diffusion setting and raise `ValueError` naming the argument and the fix."""
+        for name, types in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                expected = " or ".join("None" if kind is type(None) else kind.__name__ for kind in types)
+                raise ValueError(f"`{name}` must be {expected}, got {name}={value!r} ({type(value).__name__}).")
         get_attention_pattern(self.attention)  # raises, naming the registered patterns
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size <= 0:
             raise ValueError(f"`block_size` must be a positive integer, got block_size={self.block_size!r}.")
@@ -92,15 +183,28 @@ class DiffusionConfig(PreTrainedConfig):
                 f"`masking` must be one of {sorted(MASKING_POLICIES)}, got masking={self.masking!r}; register a new "
                 "one with @register_masking_policy."
             )
-        if self.masking_strength < 0:
+        if not (math.isfinite(self.masking_strength) and 0 <= self.masking_strength <= MAX_MASKING_STRENGTH):
             raise ValueError(
-                f"`masking_strength` must be >= 0 (0 is uniform masking), got masking_strength={self.masking_strength}."
+                f"`masking_strength` must be a number in [0, {MAX_MASKING_STRENGTH:g}] (0 is uniform masking; beyond "
+                f"{MAX_MASKING_STRENGTH:g} most late targets are always masked and carry no loss), got "
+                f"masking_strength={self.masking_strength}."
             )
         if self.mask_token_id is not None:
             if not isinstance(self.mask_token_id, int) or self.mask_token_id < 0:
                 raise ValueError(
                     f"`mask_token_id` must be a non-negative int, got mask_token_id={self.mask_token_id!r}."
                 )
+            special = {
+                name: getattr(self.base_config, name, None)
+                for name in ("eos_token_id", "pad_token_id", "bos_token_id")
+            }
+            for name, value in special.items():
+                if self.mask_token_id == value or (isinstance(value, (list, tuple)) and self.mask_token_id in value):
+                    raise ValueError(
+                        f"`mask_token_id`={self.mask_token_id} is the base model's {name}: masked positions would read "
+                        "as that token (generation would stop at once); leave `mask_token_id` unset and pass a "
+                        "tokenizer so a dedicated mask token is found or added."
+                    )
             vocab_size = getattr(self.base_config, "vocab_size", None)
             if vocab_size is not None and self.mask_token_id >= vocab_size:
                 raise ValueError(
@@ -108,6 +212,16 @@ class DiffusionConfig(PreTrainedConfig):
                     f"(vocab_size={vocab_size}); pass a tokenizer to `get_diffusion_model` so a mask token is added "
                     "and the embeddings resized, or choose an id below vocab_size."
                 )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Rebuild a config from a dict (a saved `config.json` / `diffusion_config.json`): unknown keys are logged
+        and ignored here, while a typo passed to the constructor is an error."""
+        token = _FROM_DICT.set(True)
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        finally:
+            _FROM_DICT.reset(token)
 
     @property
     def attention_pattern(self) -> AttentionPattern:

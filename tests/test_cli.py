@@ -149,7 +149,7 @@ def test_yaml_config_equals_flags_and_flags_override_it(tmp_path):
 
 def test_every_diffusion_config_field_is_a_flag():
     # the fields DiffusionConfig declares, minus what conversion fills in from the base model
-    settable = set(DiffusionConfig.__annotations__) - {"base_config", "base_model_name_or_path"}
+    settable = set(DiffusionConfig.__annotations__) - {"base_config", "base_model_name_or_path", "base_fingerprint"}
     flags = {field.name for field in dataclasses.fields(DiffusionArguments)}
     assert settable == flags
     # and the defaults of the flags build a valid config with those values
