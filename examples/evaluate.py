@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,10 +32,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_diffusion import DiffusionConfig, DiffusionLM, get_diffusion_model
 from peft_diffusion.evaluation import loglikelihood
-from peft_diffusion.metrics import exact_match, first_word, humaneval_infilling_program, lambada_last_word, pass_at_1
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+
+# The papers' metrics are replication code, not library code: `benchmarks/replication/{metrics,humaneval}.py`.
+sys.path.insert(0, str(ROOT / "benchmarks" / "replication"))
+from humaneval import humaneval_infilling_program, pass_at_1  # noqa: E402
+from metrics import exact_match, first_word, lambada_last_word  # noqa: E402
 
 
 def load(path: Path, limit: int) -> list[dict] | None:

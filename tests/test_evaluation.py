@@ -1,4 +1,5 @@
-"""Monte-Carlo ELBO likelihoods and the lm-evaluation-harness model class.
+"""Monte-Carlo ELBO likelihoods (`peft_diffusion.evaluation`) and the lm-evaluation-harness model
+(`peft_diffusion.integrations.lm_eval`).
 
 The exact references: for a continuation of n <= 4 tokens every mask pattern (and every decoding order) can be
 enumerated, so the expected ELBO and the exact random-order likelihood are computable.
@@ -292,7 +293,7 @@ def lm_eval_setup(tmp_path):
 @pytest.mark.slow  # two full simple_evaluate runs: about 3 s on an idle 2-core machine
 def test_lm_eval_runs_offline_on_local_tasks_and_is_deterministic(lm_eval_setup):
     lm_eval, task_manager, path = lm_eval_setup
-    from peft_diffusion.evaluation import DiffusionLMEval
+    from peft_diffusion.integrations.lm_eval import DiffusionLMEval
 
     def run():
         lm = DiffusionLMEval(pretrained=str(path), mc_samples=4, batch_size=8, max_new_tokens=4)
@@ -318,7 +319,7 @@ def test_lm_eval_loglikelihood_matches_the_estimator(lm_eval_setup):
     _, _, path = lm_eval_setup
     from lm_eval.api.instance import Instance
 
-    from peft_diffusion.evaluation import DiffusionLMEval
+    from peft_diffusion.integrations.lm_eval import DiffusionLMEval
 
     lm = DiffusionLMEval(pretrained=str(path), mc_samples=4, seed=7)
     request = Instance("loglikelihood", {}, ("w5 w6 w7", " w8 w9"), 0)
@@ -335,7 +336,7 @@ def test_lm_eval_loglikelihood_matches_the_estimator(lm_eval_setup):
 
 def test_lm_eval_bad_model_args_raise(lm_eval_setup):
     _, _, path = lm_eval_setup
-    from peft_diffusion.evaluation import DiffusionLMEval
+    from peft_diffusion.integrations.lm_eval import DiffusionLMEval
 
     with pytest.raises(ValueError, match="Unknown model_args"):
         DiffusionLMEval(pretrained=str(path), mc_sample=4)
@@ -347,8 +348,8 @@ def test_lm_eval_bad_model_args_raise(lm_eval_setup):
 
 def test_lm_eval_missing_gives_an_install_hint(monkeypatch):
     import builtins
-
-    from peft_diffusion import evaluation
+    import importlib
+    import sys
 
     real_import = builtins.__import__
 
@@ -357,7 +358,19 @@ def test_lm_eval_missing_gives_an_install_hint(monkeypatch):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "_LM_EVAL_CLASS", None)
+    # import the integration afresh (restored afterwards), with lm-eval missing
+    monkeypatch.delitem(sys.modules, "peft_diffusion.integrations.lm_eval", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(ImportError, match=r"pip install \"peft-diffusion\[eval\]\""):
-        _ = evaluation.DiffusionLMEval
+        importlib.import_module("peft_diffusion.integrations.lm_eval")
+
+
+def test_lm_eval_model_is_registered_under_its_name_and_reached_by_the_cli():
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    from peft_diffusion.evaluation import _lm_eval_class
+    from peft_diffusion.integrations.lm_eval import DiffusionLMEval
+
+    assert get_model("peft_diffusion") is DiffusionLMEval
+    assert _lm_eval_class() is DiffusionLMEval

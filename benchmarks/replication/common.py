@@ -10,7 +10,8 @@ The corpus is cached as JSON (`--cache`, default `/tmp/peft_diffusion_replicatio
 of the seed.
 
 Everything goes through the public API: `get_diffusion_model`, `DiffusionTrainer` / `DiffusionTrainingConfig`,
-`generate` / `infill`, `peft_diffusion.evaluation.nll_per_token` and `peft_diffusion.metrics`.
+`generate` / `infill`, `peft_diffusion.evaluation.nll_per_token` and `peft_diffusion.metrics.generative_perplexity`;
+the papers' task metrics are `metrics.py` here.
 """
 
 from __future__ import annotations

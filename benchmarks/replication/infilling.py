@@ -6,7 +6,7 @@ middle sentence better (ROUGE-1/2/L against the gold sentence) than its AR base,
 For each held-out story with at least three sentences, the middle sentence is the gap: the diffusion models get
 `BOS + prefix + n mask tokens + suffix` (n = the gold middle's length in tokens, the suffix cut at 64 tokens) and fill
 it with `model.infill` (greedy, one token per step, confidence order); the AR checkpoint gets `BOS + prefix` and
-continues greedily for the same n tokens. ROUGE F-measures x 100 (`peft_diffusion.metrics.rouge_scores`, no stemmer)
+continues greedily for the same n tokens. ROUGE F-measures x 100 (`metrics.rouge_scores`, no stemmer)
 against the gold middle. Diffusion models: the AR-init and random-init bidirectional models of (a) (300 steps, seed 0)
 and the bidirectional and annealed models of (c) (150 steps).
 
@@ -83,7 +83,7 @@ def main():
     args = parser.parse_args()
     common.require_shared()
     common.set_threads(args.threads)
-    from peft_diffusion.metrics import rouge_scores
+    from metrics import rouge_scores
 
     corpus = common.load_corpus(args.cache)
     tokenizer = common.load_tokenizer()

@@ -53,7 +53,9 @@ def decode(tokenizer, sequences: torch.Tensor) -> list[str]:
 
 
 def quality(texts: list[str], ar, tokenizer) -> dict:
-    from peft_diffusion.metrics import distinct_n, generative_perplexity
+    from metrics import distinct_n
+
+    from peft_diffusion.metrics import generative_perplexity
 
     return {
         "gen_ppl": generative_perplexity(texts, ar, tokenizer, batch_size=32),
