@@ -772,31 +772,12 @@ def generate(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def ar_nll_per_token(model, texts_ids: list[list[int]], prefix_token_id: int, max_length: int) -> float:
-    """Exact NLL per token of a causal LM on the windows `nll_per_token` scores (each window of `max_length - 1`
-    tokens given the token right before it)."""
-    import torch
-    import torch.nn.functional as F
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids in texts_ids:
-            window = max_length - 1
-            for start in range(0, len(ids), window):
-                previous = ids[start - 1] if start > 0 else prefix_token_id
-                row = torch.tensor([[previous] + ids[start : start + window]])  # [1, 1 + w]
-                logits = model(input_ids=row).logits[0, :-1].float()  # [w, V]
-                total += F.cross_entropy(logits, row[0, 1:], reduction="sum").item()
-                count += row.shape[1] - 1
-    return total / max(count, 1)
-
-
 def evaluate(argv: list[str]) -> int:
     import torch
     from tqdm.auto import tqdm
 
     from .defaults import load_text_dataset, stdlib_texts
-    from .evaluation import nll_per_token
+    from .evaluation import ar_nll_per_token, nll_per_token
 
     (args,) = _parse(_parser((EvalArguments,), "peft-diffusion eval"), argv)
     if args.tasks:

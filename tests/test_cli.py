@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from peft_diffusion import DiffusionConfig, DiffusionLM, cli, defaults
 from peft_diffusion.cli import DiffusionArguments, LiveView, commit_steps, convert_parser, main
+from peft_diffusion.evaluation import ar_nll_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -241,7 +242,7 @@ def test_ar_nll_per_token_is_the_causal_cross_entropy():
     expected = torch.nn.functional.cross_entropy(
         model(input_ids=torch.tensor([[1] + ids])).logits[0, :-1], torch.tensor(ids)
     ).item()
-    assert cli.ar_nll_per_token(model, [ids], prefix_token_id=1, max_length=64) == pytest.approx(expected, rel=1e-5)
+    assert ar_nll_per_token(model, [ids], prefix_token_id=1, max_length=64) == pytest.approx(expected, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
