@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import io
 import json
 import os
@@ -16,8 +17,13 @@ import yaml
 from conftest import tiny_causal_lm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from peft_diffusion import DiffusionConfig, DiffusionLM, cli, defaults
-from peft_diffusion.cli import DiffusionArguments, LiveView, commit_steps, convert_parser, main
+from peft_diffusion import DiffusionConfig, DiffusionLM
+from peft_diffusion.cli import defaults
+from peft_diffusion.cli.args import parse
+from peft_diffusion.cli.convert import DiffusionArguments, convert_parser
+from peft_diffusion.cli.demo import _one_line, answer_length
+from peft_diffusion.cli.live import LiveView, commit_steps
+from peft_diffusion.cli.main import main
 from peft_diffusion.evaluation import ar_nll_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +113,7 @@ def test_convert_full_finetuning_saves_a_full_model(tiny_model_dir, tmp_path, ca
     ids = tokenizer("abc", return_tensors="pt").input_ids
     expected = base.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     expected_text = tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
-    assert f"AR base  : {cli._one_line(expected_text)}\n" in out
+    assert f"AR base  : {_one_line(expected_text)}\n" in out
     # bidirectional attention: the infilling example uses DiffusionLM.infill with the whole suffix
     assert "=== Infilling" in out and "block attention" not in out
 
@@ -137,14 +143,14 @@ def test_yaml_config_equals_flags_and_flags_override_it(tmp_path):
               "dataset_name": "data.jsonl", "text_field": "body", "output_dir": "out"}  # fmt: skip
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
-    from_flags = cli._parse(convert_parser(), flags)
-    from_yaml = cli._parse(convert_parser(), ["--config", str(path)])
+    from_flags = parse(convert_parser(), flags)
+    from_yaml = parse(convert_parser(), ["--config", str(path)])
     for a, b in zip(from_flags, from_yaml):
         assert dataclasses.asdict(a) == dataclasses.asdict(b)
     # the text column may also be named with SFTConfig's own flag
-    script_args, _, training_args, _ = cli._parse(convert_parser(), ["--dataset_text_field", "body"])
+    script_args, _, training_args, _ = parse(convert_parser(), ["--dataset_text_field", "body"])
     assert (script_args.text_field or training_args.dataset_text_field) == "body"
-    overridden = cli._parse(convert_parser(), ["--config", str(path), "--block_size", "32"])
+    overridden = parse(convert_parser(), ["--config", str(path), "--block_size", "32"])
     assert overridden[1].block_size == 32 and overridden[1].attention == "annealed"
 
 
@@ -186,7 +192,7 @@ def test_generate_prints_the_prompt_and_the_text(converted_dir, capsys):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(converted_dir)
     ids = tokenizer("def f(x):", return_tensors="pt").input_ids
     expected = model.generate(ids, max_new_tokens=8, threshold=0.9)[0, ids.shape[1] :]
-    count = cli.answer_length(expected, {tokenizer.eos_token_id})
+    count = answer_length(expected, {tokenizer.eos_token_id})
     assert "\n".join(lines[1:]) == tokenizer.decode(expected[:count], skip_special_tokens=True).strip()
     assert "forwards" in err and "tokens/s" in err
 
@@ -299,10 +305,10 @@ def test_console_script_is_declared_and_exits_with_the_code(monkeypatch, capsys)
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, function = scripts["peft-diffusion"].partition(":")
-    assert (module, function) == ("peft_diffusion.cli", "entry_point")
+    assert (module, function) == ("peft_diffusion.cli.main", "entry_point")
     monkeypatch.setattr(sys, "argv", ["peft-diffusion", "generate", "--model", "./missing", "--prompt", "x"])
     with pytest.raises(SystemExit) as exit_info:
-        getattr(cli, function)()
+        getattr(importlib.import_module(module), function)()
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "peft-diffusion generate: error: --model './missing': no such folder; pass the output folder of "
