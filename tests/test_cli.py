@@ -18,13 +18,23 @@ from conftest import tiny_causal_lm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from peft_diffusion import DiffusionConfig, DiffusionLM
+from peft_diffusion.attention import ATTENTION_PATTERNS, AttentionPattern, register_attention_pattern
 from peft_diffusion.cli import defaults
-from peft_diffusion.cli.args import parse
+from peft_diffusion.cli.args import UsageError, decoding_threshold, parse
 from peft_diffusion.cli.convert import DiffusionArguments, convert_parser
 from peft_diffusion.cli.demo import _one_line, answer_length
 from peft_diffusion.cli.live import LiveView, commit_steps
 from peft_diffusion.cli.main import main
 from peft_diffusion.evaluation import ar_nll_per_token
+from peft_diffusion.noise import (
+    MASKING_POLICIES,
+    NOISE_SCHEDULES,
+    LinearNoiseSchedule,
+    register_masking_policy,
+    register_noise_schedule,
+    uniform_masking,
+)
+from peft_diffusion.samplers import SAMPLERS, register_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -165,6 +175,44 @@ def test_every_diffusion_config_field_is_a_flag():
     assert (config.attention, config.block_size, config.noise_schedule) == ("bidirectional", 3, "cosine")
 
 
+def test_diffusion_flags_are_derived_from_the_config_and_only_the_recipe_overrides_its_defaults():
+    # each flag's help is the field's description in DiffusionConfig's docstring
+    helps = {field.name: field.metadata["help"] for field in dataclasses.fields(DiffusionArguments)}
+    assert all(helps.values())
+    assert helps["block_size"].startswith("Tokens per block.")
+    # with no flags, every diffusion setting is the library's default, except what CONVERT_DEFAULTS states
+    _, diffusion_args, _, _ = parse(convert_parser(), [])
+    library = DiffusionConfig()
+    for name in helps:
+        assert getattr(diffusion_args, name) == defaults.CONVERT_DEFAULTS.get(name, getattr(library, name)), name
+    assert diffusion_args.block_size == defaults.CONVERT_DEFAULTS["block_size"] != library.block_size
+
+
+def test_names_registered_outside_the_package_are_cli_choices():
+    name = "test_cli_outside"
+    with pytest.raises(UsageError, match="invalid choice: 'test_cli_outside'"):
+        parse(convert_parser(), ["--attention", name])
+
+    @register_attention_pattern(name)
+    class EveryPairPattern(AttentionPattern):
+        def rule(self, layout):
+            return None  # every pair of a document
+
+    register_noise_schedule(name)(LinearNoiseSchedule)
+    register_masking_policy(name)(uniform_masking)
+    try:
+        # the registries are read when the parser is built, after the registration
+        _, diffusion_args, _, _ = parse(
+            convert_parser(), ["--attention", name, "--noise_schedule", name, "--masking", name]
+        )
+        config = diffusion_args.to_config()
+        assert (config.attention, config.noise_schedule, config.masking) == (name, name, name)
+        assert config.attention_pattern.__class__ is EveryPairPattern
+    finally:
+        for registry in (ATTENTION_PATTERNS, NOISE_SCHEDULES, MASKING_POLICIES):
+            registry.pop(name)
+
+
 def test_wall_clock_budget_stops_training(tiny_model_dir, tmp_path, capsys):
     code, out, err = run(
         ["convert", "--model", tiny_model_dir, "--output_dir", tmp_path, "--max_train_minutes", "0.00001",
@@ -205,6 +253,39 @@ def test_generate_trajectory_png(converted_dir, tmp_path, capsys):
     )
     assert code == 0, err
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftmostSampler:
+    """Commits the leftmost masked positions first (a sampler written outside the package)."""
+
+    def confidence(self, probs, tokens, *, generator=None):
+        return -torch.arange(tokens.shape[1], dtype=torch.float32).expand(tokens.shape)  # [B, L]
+
+
+def test_generate_takes_a_sampler_registered_outside_the_package_and_threshold_zero_is_off(converted_dir, capsys):
+    assert (decoding_threshold(0), decoding_threshold(None), decoding_threshold(0.9)) == (None, None, 0.9)
+    name = "test_cli_leftmost"
+    register_sampler(name)(LeftmostSampler)
+    try:
+        code, out, err = run(
+            ["generate", "--model", converted_dir, "--prompt", "ab", "--max_new_tokens", 8, "--sampler", name,
+             "--threshold", 0], capsys,
+        )  # fmt: skip
+    finally:
+        SAMPLERS.pop(name)
+    assert code == 0, err
+    # the same decoding through the library: that sampler, no threshold
+    model = DiffusionLM.from_pretrained(converted_dir).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(converted_dir)
+    ids = tokenizer("ab", return_tensors="pt").input_ids
+    expected = model.generate(
+        ids, max_new_tokens=8, sampler=LeftmostSampler(), threshold=None, return_dict_in_generate=True
+    )
+    new = expected.sequences[0, ids.shape[1] :]
+    count = answer_length(new, {tokenizer.eos_token_id})
+    assert "\n".join(out.splitlines()[1:]) == tokenizer.decode(new[:count], skip_special_tokens=True).strip()
+    assert f"{expected.nfe} forwards" in err
 
 
 def test_live_view_draws_masks_then_text():

@@ -13,39 +13,26 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, fields
-from typing import Literal
+from dataclasses import dataclass, field
 
-from .args import CommandError, add_alias, build_parser, parse, torch_dtype
+from ..config import DiffusionConfig
+from .args import (
+    CommandError,
+    add_alias,
+    build_parser,
+    config_arguments,
+    decoding_threshold,
+    parse,
+    threshold_field,
+    torch_dtype,
+)
+from .defaults import CONVERT_DEFAULTS
 from .demo import DEFAULT_CHAT_PROMPTS, run_demo
 
-
-@dataclass
-class DiffusionArguments:
-    """The fields of `DiffusionConfig` as flags (what the converted model is). Defaults: the quick-start recipe."""
-
-    attention: Literal["block", "bidirectional", "annealed"] = field(
-        default="block",
-        metadata={
-            "help": "Attention pattern: 'block' (Efficient-DLM, KV-cached decoding), 'bidirectional', "
-            "'annealed' (DiffuLLaMA)."
-        },
-    )
-    block_size: int = field(default=4, metadata={"help": "Tokens per block under attention='block'."})
-    clean_context: bool = field(default=True, metadata={"help": "Two-stream [x_t ; x_0] training under blocks."})
-    shift: bool = field(default=True, metadata={"help": "Keep the AR alignment (DiffuLLaMA's shift)."})
-    mask_token: str | None = field(default=None, metadata={"help": "Mask token string (default: found or added)."})
-    mask_token_id: int | None = field(default=None, metadata={"help": "Mask token id inside the embeddings."})
-    noise_schedule: Literal["linear", "cosine"] = field(default="linear", metadata={"help": "alpha_t schedule."})
-    masking: Literal["uniform", "position_dependent"] = field(
-        default="uniform", metadata={"help": "Which tokens are masked at time t."}
-    )
-    masking_strength: float = field(default=0.0, metadata={"help": "Strength of position-dependent masking."})
-
-    def to_config(self):
-        from ..config import DiffusionConfig
-
-        return DiffusionConfig(**{item.name: getattr(self, item.name) for item in fields(self)})
+# Every field DiffusionConfig declares, except what conversion fills in from the base model.
+DiffusionArguments = config_arguments(
+    DiffusionConfig, "DiffusionArguments", exclude=("base_config", "base_model_name_or_path"), module=__name__
+)
 
 
 @dataclass
@@ -85,7 +72,7 @@ class ConvertArguments:
         metadata={"help": "Chat messages answered by both models in the demo."},
     )
     demo_max_new_tokens: int = field(default=48, metadata={"help": "Tokens per demo answer."})
-    threshold: float | None = field(default=0.9, metadata={"help": "Fast-dLLM threshold of the demo decoding."})
+    threshold: float | None = threshold_field(0.9, "The demo's decoding: ")
 
 
 def convert_parser():
@@ -93,33 +80,10 @@ def convert_parser():
 
     from ..training_config import DiffusionTrainingConfig
 
-    defaults = dict(
-        # model (TRL ModelConfig): LoRA r=32 on every linear layer (the mask-token row is trained too)
-        use_peft=True,
-        lora_r=32,
-        lora_alpha=32,
-        lora_dropout=0.0,
-        lora_target_modules=["all-linear"],
-        attn_implementation="sdpa",
-        # training (DiffusionTrainingConfig): a budget a 2-core CPU finishes in minutes
-        output_dir=None,
-        max_steps=40,
-        per_device_train_batch_size=2,
-        max_length=128,
-        packing=True,
-        learning_rate=1e-3,
-        lr_scheduler_type="cosine",
-        warmup_steps=5,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=False,
-        seed=0,
-    )
     parser = build_parser(
         (ConvertArguments, DiffusionArguments, DiffusionTrainingConfig, ModelConfig),
         "peft-diffusion convert",
-        defaults,
+        CONVERT_DEFAULTS,
     )
     add_alias(parser, "model_name_or_path", "--model")
     return parser
@@ -217,7 +181,7 @@ def convert(argv: list[str]) -> int:
             model_path=model_path,
             model_kwargs=model_kwargs,
             max_new_tokens=script_args.demo_max_new_tokens,
-            threshold=script_args.threshold,
+            threshold=decoding_threshold(script_args.threshold),
             trajectory_path=os.path.join(training_args.output_dir, "trajectory.png"),
             prompts=script_args.demo_prompts,
         )

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .args import CommandError, build_parser, parse, torch_dtype
+from .args import CommandError, build_parser, decoding_threshold, parse, threshold_field, torch_dtype
 from .demo import answer_length, chat_input_ids
 from .live import LiveView, id_list, save_trajectory
 
@@ -25,8 +25,10 @@ class GenerateArguments:
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate."})
     steps: int | None = field(default=None, metadata={"help": "Denoising steps in total (default max_new_tokens)."})
     block_length: int | None = field(default=None, metadata={"help": "Tokens per block (default: the model's)."})
-    sampler: str = field(default="confidence", metadata={"help": "confidence, random, margin or entropy."})
-    threshold: float | None = field(default=0.9, metadata={"help": "Fast-dLLM threshold in (0, 1]; 0: off."})
+    sampler: str = field(
+        default="confidence", metadata={"help": "Which masked positions a step commits first (`samplers.py`)."}
+    )
+    threshold: float | None = threshold_field(0.9)
     temperature: float = field(default=0.0, metadata={"help": "0 is greedy."})
     seed: int = field(default=0, metadata={"help": "Seed of sampling."})
     live: bool = field(default=True, metadata={"help": "Show the denoising live when stdout is a terminal."})
@@ -89,7 +91,7 @@ def generate(argv: list[str]) -> int:
         steps=args.steps,
         block_length=args.block_length,
         sampler=args.sampler,
-        threshold=args.threshold if args.threshold else None,
+        threshold=decoding_threshold(args.threshold),
         return_dict_in_generate=True,
         output_history=args.trajectory is not None,
     )
