@@ -106,34 +106,23 @@ def _time_limit_callback(minutes: float, started: float):
 
 
 def convert(argv: list[str]) -> int:
-    from transformers import AutoTokenizer
+    """Run `peft-diffusion convert` with `argv` (the flags after the command); returns the exit code.
+
+    1. the checkpoint, the data and the tokenizer (`_checkpoint_and_data`), LoRA or full finetuning;
+    2. conversion and training (`DiffusionTrainer`, stopped by `--max_steps` or `--max_train_minutes`);
+    3. save the adapter or full model with `diffusion_config.json`, and the tokenizer with its mask token;
+    4. the demo (`demo.run_demo`) unless `--demo false`.
+    """
     from trl import get_peft_config, get_quantization_config
 
     from ..trainer import DiffusionTrainer
-    from .defaults import DEFAULT_MODEL_NAME, load_text_dataset, resolve_model
 
     script_args, diffusion_args, training_args, model_args = parse(convert_parser(), argv)
     started = time.monotonic()
-    # 1. the checkpoint and the data
-    model_path = resolve_model(model_args.model_name_or_path)
-    name = DEFAULT_MODEL_NAME if model_args.model_name_or_path is None else os.path.basename(model_path.rstrip("/"))
-    if training_args.output_dir in (None, "trainer_output"):
-        training_args.output_dir = f"{name}-diffusion"
     diffusion_config = diffusion_args.to_config()
-    training_args.dataset_text_field = script_args.text_field or training_args.dataset_text_field
-    dataset = load_text_dataset(
-        script_args.dataset_name,
-        split=script_args.dataset_split,
-        text_field=training_args.dataset_text_field,
-        num_files=script_args.stdlib_files,
-    )
-    source = script_args.dataset_name or f"{script_args.stdlib_files} standard-library modules"
-    print(f"model: {model_path}\ndata: {source}, {len(dataset)} texts\noutput: {training_args.output_dir}")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model_kwargs = {"attn_implementation": model_args.attn_implementation or "sdpa"}
-    if torch_dtype(model_args.dtype) is not None:
-        model_kwargs["dtype"] = torch_dtype(model_args.dtype)
-    training_args.model_init_kwargs = model_kwargs
+    # 1. the checkpoint and the data
+    model_path, dataset, tokenizer = _checkpoint_and_data(script_args, training_args, model_args)
+    model_kwargs = training_args.model_init_kwargs
     peft_config = None if script_args.full else get_peft_config(model_args)
     if not script_args.full and peft_config is None:
         raise CommandError("LoRA is off (use_peft: false in the config): pass --full for full finetuning.")
@@ -187,3 +176,31 @@ def convert(argv: list[str]) -> int:
         )
     print(f"total wall time {(time.monotonic() - started) / 60:.1f} min")
     return 0
+
+
+def _checkpoint_and_data(script_args, training_args, model_args) -> tuple:
+    """`(model_path, dataset, tokenizer)` for `convert`, with the output folder (default `<model name>-diffusion`),
+    the text column and the model's loading arguments (`model_init_kwargs`) set on `training_args`."""
+    from transformers import AutoTokenizer
+
+    from .defaults import DEFAULT_MODEL_NAME, load_text_dataset, resolve_model
+
+    model_path = resolve_model(model_args.model_name_or_path)
+    name = DEFAULT_MODEL_NAME if model_args.model_name_or_path is None else os.path.basename(model_path.rstrip("/"))
+    if training_args.output_dir in (None, "trainer_output"):
+        training_args.output_dir = f"{name}-diffusion"
+    training_args.dataset_text_field = script_args.text_field or training_args.dataset_text_field
+    dataset = load_text_dataset(
+        script_args.dataset_name,
+        split=script_args.dataset_split,
+        text_field=training_args.dataset_text_field,
+        num_files=script_args.stdlib_files,
+    )
+    source = script_args.dataset_name or f"{script_args.stdlib_files} standard-library modules"
+    print(f"model: {model_path}\ndata: {source}, {len(dataset)} texts\noutput: {training_args.output_dir}")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_kwargs = {"attn_implementation": model_args.attn_implementation or "sdpa"}
+    if torch_dtype(model_args.dtype) is not None:
+        model_kwargs["dtype"] = torch_dtype(model_args.dtype)
+    training_args.model_init_kwargs = model_kwargs
+    return model_path, dataset, tokenizer

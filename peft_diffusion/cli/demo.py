@@ -51,55 +51,27 @@ def run_demo(
 
     Returns the figures printed (`nfe_per_token`, `tokens_per_second` for both models, the texts).
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     # the AR base: the checkpoint as it was before conversion (also after full finetuning)
     base = AutoModelForCausalLM.from_pretrained(model_path, **(model_kwargs or {})).eval()
     eos_ids = _eos_ids(base)
-    pad_id = tokenizer.pad_token_id
-    figures = {"ar": {"nfe": 0, "tokens": 0, "seconds": 0.0}, "diffusion": {"nfe": 0, "tokens": 0, "seconds": 0.0}}
-    texts = []
-    first_output = None
+    answers = []
     print(f"\n=== Generations ({max_new_tokens} new tokens at most, greedy) ===")
     for message in prompts:
-        input_ids = chat_input_ids(tokenizer, message)
-        prompt_length = input_ids.shape[1]
-        with torch.no_grad():
-            start = time.perf_counter()
-            ar = base.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-            ar_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            out = model.generate(
-                input_ids,
-                max_new_tokens=max_new_tokens,
-                threshold=threshold,
-                return_dict_in_generate=True,
-                output_history=True,
-            )
-            seconds = time.perf_counter() - start
-        ar_new = ar[0, prompt_length:]
-        new = out.sequences[0, prompt_length:]
-        ar_count = answer_length(ar_new, eos_ids)
-        count = answer_length(new, eos_ids)
-        figures["ar"]["nfe"] += ar_count
-        figures["ar"]["tokens"] += ar_count
-        figures["ar"]["seconds"] += ar_seconds
-        figures["diffusion"]["nfe"] += out.nfe
-        figures["diffusion"]["tokens"] += count
-        figures["diffusion"]["seconds"] += seconds
-        ar_text = tokenizer.decode(ar_new[:ar_count], skip_special_tokens=True).strip()
-        text = tokenizer.decode(new[:count], skip_special_tokens=True).strip()
-        texts.append((message, ar_text, text))
+        answer = _answer_both(base, model, tokenizer, message, max_new_tokens, threshold, eos_ids)
+        answers.append(answer)
+        ar_text, text = answer["ar"]["text"], answer["diffusion"]["text"]
         print(
-            f"\n> {message}\n  AR base  : {_one_line(ar_text)}\n  diffusion: {_one_line(text)}  [{out.nfe} forwards]"
+            f"\n> {message}\n  AR base  : {_one_line(ar_text)}\n  diffusion: {_one_line(text)}  "
+            f"[{answer['output'].nfe} forwards]"
         )
-        if first_output is None or count > first_output[2]:
-            first_output = (message, input_ids, count, out)
+    figures = {}
     for name in ("ar", "diffusion"):
-        item = figures[name]
+        item = {key: sum(answer[name][key] for answer in answers) for key in ("nfe", "tokens", "seconds")}
         item["nfe_per_token"] = item["nfe"] / max(item["tokens"], 1)
         item["tokens_per_second"] = item["tokens"] / max(item["seconds"], 1e-9)
+        figures[name] = item
     print(
         "\n=== Speed (same prompts, one thread count, batch 1) ===\n"
         f"  AR base (HF generate, KV cache): {figures['ar']['tokens_per_second']:.1f} tokens/s, "
@@ -107,22 +79,65 @@ def run_demo(
         f"  diffusion (threshold {threshold}): {figures['diffusion']['tokens_per_second']:.1f} tokens/s, "
         f"NFE/token {figures['diffusion']['nfe_per_token']:.2f}"
     )
-    figures["texts"] = texts
+    figures["texts"] = [(answer["message"], answer["ar"]["text"], answer["diffusion"]["text"]) for answer in answers]
     figures["infill"] = infill_example(model, tokenizer)
-    if trajectory_path is not None and first_output is not None:
-        message, input_ids, count, out = first_output
+    if trajectory_path is not None and answers:
+        longest = max(answers, key=lambda answer: answer["diffusion"]["tokens"])  # the first of the longest
+        out, count = longest["output"], longest["diffusion"]["tokens"]
         saved = save_trajectory(
             out.history,
             tokenizer,
             model.config.mask_token_id,
             trajectory_path,
-            title=f"{message!r}: {count} tokens in {out.nfe} forwards",
+            title=f"{longest['message']!r}: {count} tokens in {out.nfe} forwards",
             block_size=model.config.attention_block_size,
-            offset=input_ids.shape[1],
+            offset=longest["prompt_length"],
         )
         if saved:
             print(f"\ntrajectory of the longest answer saved to {saved}")
     return figures
+
+
+def _answer_both(base, model, tokenizer, message: str, max_new_tokens: int, threshold, eos_ids: set[int]) -> dict:
+    """One chat message answered by the AR base (HF `generate`, greedy) and by the diffusion model (with its
+    denoising history): per model the forwards (`nfe`; one per token for AR), answer `tokens`, `seconds`, `text`."""
+    import torch
+
+    input_ids = chat_input_ids(tokenizer, message)  # [1, P]
+    prompt_length = input_ids.shape[1]
+    with torch.no_grad():
+        start = time.perf_counter()
+        ar = base.generate(
+            input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )  # [1, P + N]
+        ar_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            threshold=threshold,
+            return_dict_in_generate=True,
+            output_history=True,
+        )
+        seconds = time.perf_counter() - start
+    ar_new, new = ar[0, prompt_length:], out.sequences[0, prompt_length:]  # [N], [N]
+    ar_count, count = answer_length(ar_new, eos_ids), answer_length(new, eos_ids)
+    return {
+        "message": message,
+        "prompt_length": prompt_length,
+        "output": out,
+        "ar": {
+            "nfe": ar_count,
+            "tokens": ar_count,
+            "seconds": ar_seconds,
+            "text": _decode(tokenizer, ar_new, ar_count),
+        },
+        "diffusion": {"nfe": out.nfe, "tokens": count, "seconds": seconds, "text": _decode(tokenizer, new, count)},
+    }
+
+
+def _decode(tokenizer, tokens, count: int) -> str:
+    return tokenizer.decode(tokens[:count], skip_special_tokens=True).strip()
 
 
 def _one_line(text: str, width: int = 400) -> str:
