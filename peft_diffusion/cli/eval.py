@@ -44,6 +44,8 @@ class EvalArguments:
 
 
 def evaluate(argv: list[str]) -> int:
+    """Run `peft-diffusion eval` with `argv`: the diffusion NLL bound (`nll_per_token`) beside the AR base's exact NLL
+    on the same windows (`ar_nll_per_token`), or lm-eval tasks with `--tasks`; returns the exit code."""
     import torch
     from tqdm.auto import tqdm
 
@@ -109,6 +111,7 @@ def evaluate(argv: list[str]) -> int:
 
 
 def _lm_eval(args) -> int:
+    """`--tasks`: lm-evaluation-harness on the converted model (the eval extra), its table printed."""
     from ..evaluation import _lm_eval_class
 
     lm_class = _lm_eval_class()  # ImportError with the install hint when lm-eval is missing

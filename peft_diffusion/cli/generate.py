@@ -72,6 +72,8 @@ def load_converted(path: str, dtype=None):
 
 
 def generate(argv: list[str]) -> int:
+    """Run `peft-diffusion generate` with `argv`: one prompt or chat message, decoded live in a terminal (plain text
+    otherwise), NFE and tokens/s on stderr, the trajectory PNG with `--trajectory`; returns the exit code."""
     import torch
 
     (args,) = parse(build_parser((GenerateArguments,), "peft-diffusion generate"), argv)
