@@ -7,7 +7,14 @@ happens at import).
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import DiffusionConfig
-from .evaluation import LikelihoodEstimate, PerplexityBound, loglikelihood, loglikelihood_batch, nll_per_token
+from .evaluation import (
+    LikelihoodEstimate,
+    PerplexityBound,
+    ar_nll_per_token,
+    loglikelihood,
+    loglikelihood_batch,
+    nll_per_token,
+)
 from .generation import DiffusionGenerateOutput, DiffusionGenerationConfig
 from .model import DiffusionLM, DiffusionLMOutput, get_diffusion_model
 from .trainer import DiffusionTrainer
@@ -29,6 +36,7 @@ __all__ = [
     "get_diffusion_model",
     "LikelihoodEstimate",
     "PerplexityBound",
+    "ar_nll_per_token",
     "loglikelihood",
     "loglikelihood_batch",
     "nll_per_token",

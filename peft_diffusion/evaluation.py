@@ -60,6 +60,7 @@ import torch.nn.functional as F
 __all__ = [
     "LikelihoodEstimate",
     "PerplexityBound",
+    "ar_nll_per_token",
     "loglikelihood",
     "loglikelihood_batch",
     "nll_per_token",
@@ -465,12 +466,61 @@ def nll_per_token(
     return PerplexityBound(nll=nll, perplexity=math.exp(nll), stderr=stderr, num_tokens=num_tokens)
 
 
-def _lm_eval_class():
-    """`peft_diffusion.integrations.lm_eval.DiffusionLMEval`, imported on call (lm-eval is an optional extra).
+@torch.no_grad()
+def ar_nll_per_token(model, texts_ids: Sequence[Sequence[int]], prefix_token_id: int, max_length: int) -> float:
+    r"""Exact NLL per token of a causal LM on the windows `nll_per_token` scores: the AR side of that comparison.
 
-    Only for `peft_diffusion/cli.py`, until it imports the integration itself; raises `ImportError` with the install
-    hint when lm-eval is missing.
+    1. Cut each document `x_1..x_N` into consecutive windows of `max_length - 1` tokens (lm-eval's rolling windows,
+       the same cut as `nll_per_token`), each preceded by the token right before it (`prefix_token_id` for the
+       first window), so every token is scored exactly once.
+    2. Sum `-log p(x_i | x_<i)` over the window's tokens, in float32, from one causal forward per window.
+    3. Return the total divided by the number of scored tokens (nats per token; `exp` of it is the perplexity).
+
+    `metrics.generative_perplexity` scores decoded texts under an evaluator with its own tokenizer; this scores token
+    ids under the model that produced them, window for window beside the diffusion bound.
+
+    Args:
+        model (`PreTrainedModel`): a causal LM returning `.logits` `[1, L, V]`, in eval mode (e.g. the AR base, or a
+            `DiffusionLM`'s `causal_lm` with the adapter disabled).
+        texts_ids (`Sequence[Sequence[int]]`): documents as token ids (without special tokens).
+        prefix_token_id (`int`): the token before each document (BOS, else EOS).
+        max_length (`int`): window length including the conditioning token; at least 2.
+
+    Returns:
+        `float`: the NLL per token (nats).
+
+    Raises:
+        `ValueError`: `max_length` below 2, or `texts_ids` holds no token.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, num_key_value_heads=1)
+    >>> model = LlamaForCausalLM(config).eval()
+    >>> nll = ar_nll_per_token(model, [[5, 9, 17, 3]], prefix_token_id=1, max_length=3)
+    >>> 0.0 < nll < 10.0
+    True
+
+    ```
     """
-    from .integrations.lm_eval import DiffusionLMEval
-
-    return DiffusionLMEval
+    if max_length < 2:
+        raise ValueError(f"`max_length` must be >= 2 (one conditioning token and one scored token), got {max_length}.")
+    device = next(model.parameters()).device
+    window = max_length - 1
+    total, count = 0.0, 0
+    for ids in texts_ids:
+        ids = list(ids)
+        # 1. consecutive windows, each given the token before it
+        for start in range(0, len(ids), window):
+            previous = ids[start - 1] if start > 0 else prefix_token_id
+            row = torch.tensor([[previous] + ids[start : start + window]], device=device)  # [1, 1 + w]
+            # 2. position i predicts token i + 1
+            logits = model(input_ids=row).logits[0, :-1].float()  # [w, V]
+            total += F.cross_entropy(logits, row[0, 1:], reduction="sum").item()
+            count += row.shape[1] - 1
+    if count == 0:
+        raise ValueError("`texts_ids` holds no tokens to score.")
+    # 3. mean over scored tokens
+    return total / count

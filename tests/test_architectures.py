@@ -20,8 +20,8 @@ from peft_diffusion.architectures import (
     VERIFIED_ARCHITECTURES,
     check_architecture,
 )
-from peft_diffusion.probe import probe_architecture
 from peft_diffusion.attention import AttentionLayout, diffusion_attention, non_causal, two_stream_layout
+from peft_diffusion.probe import probe_architecture
 
 LENGTH = 12
 BLOCK = 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import io
 import json
 import os
@@ -16,8 +17,24 @@ import yaml
 from conftest import tiny_causal_lm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from peft_diffusion import DiffusionConfig, DiffusionLM, cli, defaults
-from peft_diffusion.cli import DiffusionArguments, LiveView, commit_steps, convert_parser, main
+from peft_diffusion import DiffusionConfig, DiffusionLM
+from peft_diffusion.attention import ATTENTION_PATTERNS, AttentionPattern, register_attention_pattern
+from peft_diffusion.cli import defaults
+from peft_diffusion.cli.args import UsageError, decoding_threshold, parse
+from peft_diffusion.cli.convert import DiffusionArguments, convert_parser
+from peft_diffusion.cli.demo import _one_line, answer_length
+from peft_diffusion.cli.live import LiveView, commit_steps
+from peft_diffusion.cli.main import main
+from peft_diffusion.evaluation import ar_nll_per_token
+from peft_diffusion.noise import (
+    MASKING_POLICIES,
+    NOISE_SCHEDULES,
+    LinearNoiseSchedule,
+    register_masking_policy,
+    register_noise_schedule,
+    uniform_masking,
+)
+from peft_diffusion.samplers import SAMPLERS, register_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -106,7 +123,7 @@ def test_convert_full_finetuning_saves_a_full_model(tiny_model_dir, tmp_path, ca
     ids = tokenizer("abc", return_tensors="pt").input_ids
     expected = base.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     expected_text = tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
-    assert f"AR base  : {cli._one_line(expected_text)}\n" in out
+    assert f"AR base  : {_one_line(expected_text)}\n" in out
     # bidirectional attention: the infilling example uses DiffusionLM.infill with the whole suffix
     assert "=== Infilling" in out and "block attention" not in out
 
@@ -136,14 +153,14 @@ def test_yaml_config_equals_flags_and_flags_override_it(tmp_path):
               "dataset_name": "data.jsonl", "text_field": "body", "output_dir": "out"}  # fmt: skip
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
-    from_flags = cli._parse(convert_parser(), flags)
-    from_yaml = cli._parse(convert_parser(), ["--config", str(path)])
+    from_flags = parse(convert_parser(), flags)
+    from_yaml = parse(convert_parser(), ["--config", str(path)])
     for a, b in zip(from_flags, from_yaml):
         assert dataclasses.asdict(a) == dataclasses.asdict(b)
     # the text column may also be named with SFTConfig's own flag
-    script_args, _, training_args, _ = cli._parse(convert_parser(), ["--dataset_text_field", "body"])
+    script_args, _, training_args, _ = parse(convert_parser(), ["--dataset_text_field", "body"])
     assert (script_args.text_field or training_args.dataset_text_field) == "body"
-    overridden = cli._parse(convert_parser(), ["--config", str(path), "--block_size", "32"])
+    overridden = parse(convert_parser(), ["--config", str(path), "--block_size", "32"])
     assert overridden[1].block_size == 32 and overridden[1].attention == "annealed"
 
 
@@ -156,6 +173,44 @@ def test_every_diffusion_config_field_is_a_flag():
     args = DiffusionArguments(attention="bidirectional", block_size=3, noise_schedule="cosine")
     config = args.to_config()
     assert (config.attention, config.block_size, config.noise_schedule) == ("bidirectional", 3, "cosine")
+
+
+def test_diffusion_flags_are_derived_from_the_config_and_only_the_recipe_overrides_its_defaults():
+    # each flag's help is the field's description in DiffusionConfig's docstring
+    helps = {field.name: field.metadata["help"] for field in dataclasses.fields(DiffusionArguments)}
+    assert all(helps.values())
+    assert helps["block_size"].startswith("Tokens per block.")
+    # with no flags, every diffusion setting is the library's default, except what CONVERT_DEFAULTS states
+    _, diffusion_args, _, _ = parse(convert_parser(), [])
+    library = DiffusionConfig()
+    for name in helps:
+        assert getattr(diffusion_args, name) == defaults.CONVERT_DEFAULTS.get(name, getattr(library, name)), name
+    assert diffusion_args.block_size == defaults.CONVERT_DEFAULTS["block_size"] != library.block_size
+
+
+def test_names_registered_outside_the_package_are_cli_choices():
+    name = "test_cli_outside"
+    with pytest.raises(UsageError, match="invalid choice: 'test_cli_outside'"):
+        parse(convert_parser(), ["--attention", name])
+
+    @register_attention_pattern(name)
+    class EveryPairPattern(AttentionPattern):
+        def rule(self, layout):
+            return None  # every pair of a document
+
+    register_noise_schedule(name)(LinearNoiseSchedule)
+    register_masking_policy(name)(uniform_masking)
+    try:
+        # the registries are read when the parser is built, after the registration
+        _, diffusion_args, _, _ = parse(
+            convert_parser(), ["--attention", name, "--noise_schedule", name, "--masking", name]
+        )
+        config = diffusion_args.to_config()
+        assert (config.attention, config.noise_schedule, config.masking) == (name, name, name)
+        assert config.attention_pattern.__class__ is EveryPairPattern
+    finally:
+        for registry in (ATTENTION_PATTERNS, NOISE_SCHEDULES, MASKING_POLICIES):
+            registry.pop(name)
 
 
 def test_wall_clock_budget_stops_training(tiny_model_dir, tmp_path, capsys):
@@ -185,7 +240,7 @@ def test_generate_prints_the_prompt_and_the_text(converted_dir, capsys):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(converted_dir)
     ids = tokenizer("def f(x):", return_tensors="pt").input_ids
     expected = model.generate(ids, max_new_tokens=8, threshold=0.9)[0, ids.shape[1] :]
-    count = cli.answer_length(expected, {tokenizer.eos_token_id})
+    count = answer_length(expected, {tokenizer.eos_token_id})
     assert "\n".join(lines[1:]) == tokenizer.decode(expected[:count], skip_special_tokens=True).strip()
     assert "forwards" in err and "tokens/s" in err
 
@@ -198,6 +253,39 @@ def test_generate_trajectory_png(converted_dir, tmp_path, capsys):
     )
     assert code == 0, err
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftmostSampler:
+    """Commits the leftmost masked positions first (a sampler written outside the package)."""
+
+    def confidence(self, probs, tokens, *, generator=None):
+        return -torch.arange(tokens.shape[1], dtype=torch.float32).expand(tokens.shape)  # [B, L]
+
+
+def test_generate_takes_a_sampler_registered_outside_the_package_and_threshold_zero_is_off(converted_dir, capsys):
+    assert (decoding_threshold(0), decoding_threshold(None), decoding_threshold(0.9)) == (None, None, 0.9)
+    name = "test_cli_leftmost"
+    register_sampler(name)(LeftmostSampler)
+    try:
+        code, out, err = run(
+            ["generate", "--model", converted_dir, "--prompt", "ab", "--max_new_tokens", 8, "--sampler", name,
+             "--threshold", 0], capsys,
+        )  # fmt: skip
+    finally:
+        SAMPLERS.pop(name)
+    assert code == 0, err
+    # the same decoding through the library: that sampler, no threshold
+    model = DiffusionLM.from_pretrained(converted_dir).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(converted_dir)
+    ids = tokenizer("ab", return_tensors="pt").input_ids
+    expected = model.generate(
+        ids, max_new_tokens=8, sampler=LeftmostSampler(), threshold=None, return_dict_in_generate=True
+    )
+    new = expected.sequences[0, ids.shape[1] :]
+    count = answer_length(new, {tokenizer.eos_token_id})
+    assert "\n".join(out.splitlines()[1:]) == tokenizer.decode(new[:count], skip_special_tokens=True).strip()
+    assert f"{expected.nfe} forwards" in err
 
 
 def test_live_view_draws_masks_then_text():
@@ -241,7 +329,7 @@ def test_ar_nll_per_token_is_the_causal_cross_entropy():
     expected = torch.nn.functional.cross_entropy(
         model(input_ids=torch.tensor([[1] + ids])).logits[0, :-1], torch.tensor(ids)
     ).item()
-    assert cli.ar_nll_per_token(model, [ids], prefix_token_id=1, max_length=64) == pytest.approx(expected, rel=1e-5)
+    assert ar_nll_per_token(model, [ids], prefix_token_id=1, max_length=64) == pytest.approx(expected, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,10 +386,10 @@ def test_console_script_is_declared_and_exits_with_the_code(monkeypatch, capsys)
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, function = scripts["peft-diffusion"].partition(":")
-    assert (module, function) == ("peft_diffusion.cli", "entry_point")
+    assert (module, function) == ("peft_diffusion.cli.main", "entry_point")
     monkeypatch.setattr(sys, "argv", ["peft-diffusion", "generate", "--model", "./missing", "--prompt", "x"])
     with pytest.raises(SystemExit) as exit_info:
-        getattr(cli, function)()
+        getattr(importlib.import_module(module), function)()
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "peft-diffusion generate: error: --model './missing': no such folder; pass the output folder of "

@@ -7,6 +7,7 @@ enumerated, so the expected ELBO and the exact random-order likelihood are compu
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -16,7 +17,7 @@ import torch
 from conftest import MASK_ID, tiny_causal_lm
 
 from peft_diffusion import DiffusionConfig, get_diffusion_model
-from peft_diffusion.evaluation import loglikelihood, loglikelihood_batch, nll_per_token
+from peft_diffusion.evaluation import ar_nll_per_token, loglikelihood, loglikelihood_batch, nll_per_token
 
 
 def diffusion(attention="bidirectional", block_size=4, clean_context=True, shift=True, seed=0):
@@ -199,6 +200,22 @@ def test_nll_per_token_rolls_windows_over_documents():
     assert bound.perplexity == pytest.approx(math.exp(bound.nll))
 
 
+def test_ar_nll_per_token_rolls_the_same_windows_over_documents():
+    model = tiny_causal_lm("llama", "sdpa").eval()
+    documents = [[9, 33, 71, 12, 8, 60, 101], [4, 5]]
+    # windows of 3 tokens, each given only the token before it (the prefix token first): 3 + 3 + 1 and 2 tokens
+    rows = [[1, 9, 33, 71], [71, 12, 8, 60], [60, 101], [1, 4, 5]]
+    expected = 0.0
+    with torch.no_grad():
+        for row in rows:
+            logprobs = model(input_ids=torch.tensor([row])).logits[0, :-1].float().log_softmax(-1)  # [w, V]
+            expected -= float(logprobs.gather(1, torch.tensor(row[1:])[:, None]).sum())
+    nll = ar_nll_per_token(model, documents, prefix_token_id=1, max_length=4)
+    assert nll == pytest.approx(expected / 9, rel=1e-5)
+    # a longer window conditions on more tokens, so the figure changes
+    assert ar_nll_per_token(model, documents, prefix_token_id=1, max_length=16) != pytest.approx(nll, rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------------------
@@ -225,6 +242,14 @@ def test_nll_per_token_bad_input_raises():
         nll_per_token(model, ["some text"])
     with pytest.raises(ValueError, match="no tokens"):
         nll_per_token(model, [[]], prefix_token_id=1)
+
+
+def test_ar_nll_per_token_bad_input_raises():
+    model = tiny_causal_lm("llama")
+    with pytest.raises(ValueError, match=r"`max_length` must be >= 2.*got 1"):
+        ar_nll_per_token(model, [[4, 5]], prefix_token_id=1, max_length=1)
+    with pytest.raises(ValueError, match="no tokens"):
+        ar_nll_per_token(model, [[]], prefix_token_id=1, max_length=8)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -369,8 +394,8 @@ def test_lm_eval_model_is_registered_under_its_name_and_reached_by_the_cli():
     pytest.importorskip("lm_eval")
     from lm_eval.api.registry import get_model
 
-    from peft_diffusion.evaluation import _lm_eval_class
+    from peft_diffusion.cli import eval as eval_command
     from peft_diffusion.integrations.lm_eval import DiffusionLMEval
 
     assert get_model("peft_diffusion") is DiffusionLMEval
-    assert _lm_eval_class() is DiffusionLMEval
+    assert "integrations.lm_eval import DiffusionLMEval" in inspect.getsource(eval_command._lm_eval)

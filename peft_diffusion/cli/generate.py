@@ -1,0 +1,124 @@
+"""`peft-diffusion generate`: decode from a converted model, with a live view of the denoising in a terminal.
+
+peft-diffusion generate --model SmolLM2-135M-Instruct-diffusion --chat "What is the capital of France?"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .args import CommandError, build_parser, decoding_threshold, parse, threshold_field, torch_dtype
+from .demo import answer_length, chat_input_ids
+from .live import LiveView, id_list, save_trajectory
+
+
+@dataclass
+class GenerateArguments:
+    """What `generate` reads (the decoding fields are those of `DiffusionGenerationConfig`)."""
+
+    model: str = field(metadata={"help": "A converted model folder (adapter or full) or Hub id."})
+    prompt: str | None = field(default=None, metadata={"help": "Text to continue."})
+    chat: str | None = field(default=None, metadata={"help": "A user message, formatted with the chat template."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate."})
+    steps: int | None = field(default=None, metadata={"help": "Denoising steps in total (default max_new_tokens)."})
+    block_length: int | None = field(default=None, metadata={"help": "Tokens per block (default: the model's)."})
+    sampler: str = field(
+        default="confidence", metadata={"help": "Which masked positions a step commits first (`samplers.py`)."}
+    )
+    threshold: float | None = threshold_field(0.9)
+    temperature: float = field(default=0.0, metadata={"help": "0 is greedy."})
+    seed: int = field(default=0, metadata={"help": "Seed of sampling."})
+    live: bool = field(default=True, metadata={"help": "Show the denoising live when stdout is a terminal."})
+    trajectory: str | None = field(default=None, metadata={"help": "Save a PNG of the denoising trajectory here."})
+    dtype: str = field(
+        default="float32", metadata={"help": "float32, bfloat16 or float16 (bfloat16 is slow on CPUs)."}
+    )
+
+
+def load_converted(path: str, dtype=None):
+    """A converted model and its tokenizer; a clear error for a missing folder or a plain causal LM."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from ..model import DIFFUSION_CONFIG_NAME, DiffusionLM
+
+    if os.path.isdir(os.path.expanduser(path)):
+        path = os.path.expanduser(path)
+        config_file = os.path.join(path, "config.json")
+        is_full = False
+        if os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as handle:
+                is_full = json.load(handle).get("model_type") == "diffusion_lm"
+        if not is_full and not os.path.isfile(os.path.join(path, DIFFUSION_CONFIG_NAME)):
+            raise CommandError(
+                f"--model {path!r} is not a converted diffusion model (no {DIFFUSION_CONFIG_NAME}); convert it first: "
+                f"peft-diffusion convert --model {path}"
+            )
+    elif path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(
+            f"--model {path!r}: no such folder; pass the output folder of `peft-diffusion convert`."
+        )
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = DiffusionLM.from_pretrained(path, **kwargs).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = AutoTokenizer.from_pretrained(model.config.base_model_name_or_path)
+    return model, tokenizer
+
+
+def generate(argv: list[str]) -> int:
+    """Run `peft-diffusion generate` with `argv`: one prompt or chat message, decoded live in a terminal (plain text
+    otherwise), NFE and tokens/s on stderr, the trajectory PNG with `--trajectory`; returns the exit code."""
+    import torch
+
+    (args,) = parse(build_parser((GenerateArguments,), "peft-diffusion generate"), argv)
+    if (args.prompt is None) == (args.chat is None):
+        raise CommandError("pass exactly one of --prompt TEXT or --chat MESSAGE.")
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
+    model, tokenizer = load_converted(args.model, torch_dtype(args.dtype))
+    if args.chat is not None:
+        input_ids = chat_input_ids(tokenizer, args.chat)
+    else:
+        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    live = args.live and sys.stdout.isatty()
+    streamer = LiveView(tokenizer, model.config.mask_token_id) if live else None
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        steps=args.steps,
+        block_length=args.block_length,
+        sampler=args.sampler,
+        threshold=decoding_threshold(args.threshold),
+        return_dict_in_generate=True,
+        output_history=args.trajectory is not None,
+    )
+    if args.temperature > 0:
+        settings.update(do_sample=True, temperature=args.temperature)
+    generator = torch.Generator().manual_seed(args.seed)
+    print(args.chat if args.chat is not None else args.prompt)
+    start = time.perf_counter()
+    out = model.generate(input_ids, streamer=streamer, generator=generator, **settings)
+    seconds = time.perf_counter() - start
+    new = out.sequences[0, input_ids.shape[1] :]
+    count = answer_length(new, set(id_list(tokenizer.eos_token_id)))
+    if not live:
+        print(tokenizer.decode(new[:count], skip_special_tokens=True).strip())
+    print(f"[{count} tokens, {out.nfe} forwards, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    if args.trajectory is not None:
+        saved = save_trajectory(
+            out.history,
+            tokenizer,
+            model.config.mask_token_id,
+            args.trajectory,
+            title=f"{count} tokens in {out.nfe} forwards",
+            block_size=model.config.attention_block_size,
+            offset=input_ids.shape[1],
+        )
+        if saved:
+            print(f"trajectory saved to {saved}", file=sys.stderr)
+    return 0
