@@ -194,7 +194,7 @@ class DiffusionGenerateOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DecodingPlan:
     r"""What one call decodes, per row, worked out before the first forward; the loop only executes it.
 

@@ -437,6 +437,19 @@ def test_split_steps_rule():
         assert ((num_steps >= 1) == (num_masked >= 1)).all() and (num_steps <= num_masked).all()
 
 
+def test_infill_steps_below_a_rows_blocks_raise():
+    is_generated = torch.zeros(1, 12, dtype=torch.bool)
+    is_generated[0, [2, 3, 9]] = True  # gaps in attention blocks 0 and 2
+    is_real = torch.ones_like(is_generated)
+    with pytest.raises(ValueError, match=r"blocks holding masked positions \(2\), got steps=1; use steps >= 2\.$"):
+        DecodingPlan.for_infill(is_generated, is_real, block_length=None, grid=4, steps=1)
+    with pytest.raises(ValueError, match=r"\(3\), got steps=2; use steps >= 3 or a larger block_length\.$"):
+        DecodingPlan.for_infill(is_generated, is_real, block_length=1, grid=None, steps=2)
+    model = diffusion_model("llama", attention="bidirectional")
+    with pytest.raises(ValueError, match=r"`steps` must be at least the number of blocks holding masked positions"):
+        infill(model, torch.tensor([[5, MASK_ID, 6, MASK_ID]]), block_length=1, steps=1)
+
+
 def test_infill_plan_is_per_row():
     """Default steps: one per gap of the row itself; a row's blocks and steps do not depend on the other rows."""
     is_generated = torch.zeros(2, 12, dtype=torch.bool)
