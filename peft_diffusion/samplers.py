@@ -35,7 +35,8 @@ Samplers (registry `SAMPLERS`, keys are the `sampler` config values):
       every sampler.
     Peng et al. 2025 ("Path Planning", arXiv:2502.03540) frame such scores as unmasking planners.
 
-`num_tokens_per_step` is LLaDA's schedule of how many tokens each step commits (an even split over the steps).
+`num_tokens_per_step` is LLaDA's schedule of how many tokens each step commits (an even split over the steps); the
+decoding plan (`generation.DecodingPlan`) calls it once per call with each row's own steps per block.
 """
 
 from __future__ import annotations
@@ -410,18 +411,24 @@ def select_threshold(
     return commit | select_topk(confidence, is_masked, at_least)  # [B, L]
 
 
-def num_tokens_per_step(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
-    """LLaDA's schedule: split each row's masked count evenly over a block's `steps` denoising steps.
+def num_tokens_per_step(num_masked: torch.Tensor, steps: int | torch.Tensor) -> torch.Tensor:
+    """LLaDA's schedule: split each masked count evenly over its denoising steps.
 
     Each step commits `num_masked // steps`, and the first `num_masked % steps` steps one more (LLaDA's
-    `get_num_transfer_tokens`, linear noise schedule), so a row is fully decoded after exactly `steps` steps.
+    `get_num_transfer_tokens`, linear noise schedule), so a count is fully decoded after exactly `steps` steps.
+    `steps` is one number for every count, or a tensor of counts shaped like `num_masked` (the decoding plan gives
+    each row and block its own); the schedule then has `steps.max()` columns (one host sync) and a count's columns
+    past its own steps are 0.
 
     Args:
-        num_masked (`torch.Tensor` of shape `[B]`, long): masked positions per row at the start of the block.
-        steps (`int`): denoising steps for the block, `>= 1`.
+        num_masked (`torch.Tensor` of shape `[...]`, long): masked positions per row (or per row and block) at the
+            start of the block.
+        steps (`int` or `torch.Tensor` of shape `[...]`, long): denoising steps, `>= 1` (a tensor may hold 0 where
+            `num_masked` is 0).
 
     Returns:
-        `torch.Tensor` of shape `[B, steps]`, long: tokens to commit per row and step; rows sum to `num_masked`.
+        `torch.Tensor` of shape `[..., S]`, long (`S = steps`, or `steps.max()`): tokens to commit per count and
+        step; each count's row sums to it.
 
     Example:
         ```python
@@ -429,15 +436,28 @@ def num_tokens_per_step(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
         >>> from peft_diffusion.samplers import num_tokens_per_step
         >>> num_tokens_per_step(torch.tensor([10, 3]), 4).tolist()
         [[3, 3, 2, 2], [1, 1, 1, 0]]
+        >>> num_tokens_per_step(torch.tensor([10, 3]), torch.tensor([4, 2])).tolist()
+        [[3, 3, 2, 2], [2, 1, 0, 0]]
         ```
     """
-    if steps < 1:
-        raise ValueError(f"`steps` must be >= 1, got steps={steps}; use at least one denoising step per block.")
-    num_masked = num_masked.long().reshape(-1, 1)  # [B, 1]
-    base = num_masked // steps  # [B, 1]
-    remainder = num_masked % steps  # [B, 1]
-    step_ids = torch.arange(steps, device=num_masked.device)  # [steps]
-    return base + (step_ids < remainder).long()  # [B, steps]
+    num_masked = num_masked.long()[..., None]  # [..., 1]
+    if isinstance(steps, int):
+        if steps < 1:
+            raise ValueError(f"`steps` must be >= 1, got steps={steps}; use at least one denoising step per block.")
+        width = steps
+    else:
+        steps = steps.long().to(num_masked.device)[..., None]  # [..., 1]
+        if bool(((steps < 1) & (num_masked > 0)).any() | (steps < 0).any()):
+            raise ValueError(
+                f"`steps` must be >= 1 wherever `num_masked` > 0 (and never negative), got steps={steps[..., 0]} "
+                f"for num_masked={num_masked[..., 0]}; give every count with masked positions at least one step."
+            )
+        width = max(int(steps.max()), 1) if steps.numel() else 1
+    step_ids = torch.arange(width, device=num_masked.device)  # [S]
+    safe_steps = torch.as_tensor(steps, device=num_masked.device).clamp(min=1)  # [..., 1] or scalar
+    base = num_masked // safe_steps  # [..., 1]
+    remainder = num_masked % safe_steps  # [..., 1]
+    return torch.where(step_ids < safe_steps, base + (step_ids < remainder).long(), 0)  # [..., S]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,14 @@ from conftest import ARCHITECTURES, MASK_ID, tiny_causal_lm
 from transformers import TextIteratorStreamer, TextStreamer
 
 from peft_diffusion import DiffusionConfig, get_diffusion_model
-from peft_diffusion.generation import DiffusionGenerateOutput, DiffusionGenerationConfig, generate, infill
+from peft_diffusion.generation import (
+    DecodingPlan,
+    DiffusionGenerateOutput,
+    DiffusionGenerationConfig,
+    generate,
+    infill,
+    split_steps,
+)
 from peft_diffusion.samplers import SAMPLERS
 
 BLOCK = 4
@@ -75,6 +82,22 @@ def test_cached_equals_uncached_with_wider_decoding_blocks():
     assert torch.equal(
         generate(model, input_ids, use_cache=True, **kwargs), generate(model, input_ids, use_cache=False, **kwargs)
     )
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_cached_equals_uncached_across_blocks_no_row_generates_in(shift):
+    """Prompts of 1 and 13 tokens, 4 new tokens: no row generates in block 2 (columns 8-11). The plan skips it; the
+    fused commit of block 1 carries its prompt tokens into the cache together with the first step of block 3."""
+    model = diffusion_model("llama", shift=shift)
+    input_ids, attention_mask = left_padded([row[:n] for row, n in zip(prompts(2, 13), (1, 13))])
+    kwargs = dict(max_new_tokens=4, steps=4, return_dict_in_generate=True, **NO_EOS)
+    cached = generate(model, input_ids, attention_mask, use_cache=True, **kwargs)
+    uncached = generate(model, input_ids, attention_mask, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    plan = DecodingPlan.for_generate(
+        attention_mask.sum(-1), max_new_tokens=4, block_length=BLOCK, steps=4, aligned=True
+    )
+    assert plan.blocks == (0, 1, 3, 4) and cached.nfe == uncached.nfe == plan.num_forwards == 3 + 1 + 3 + 1
 
 
 def test_cache_saves_forwards_over_the_prompt():
@@ -159,6 +182,30 @@ def test_batch_equals_one_by_one_and_padding_is_invisible(attention):
     for index, row in enumerate(rows):
         single = generate(model, row[None], **kwargs)
         assert torch.equal(batched[index, width:], single[0, len(row) :])
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3])
+@pytest.mark.parametrize(
+    ("attention", "use_cache"), [("block", True), ("block", False), ("bidirectional", False)], ids=str
+)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_row_decodes_the_same_alone_and_in_a_batch(seed, attention, use_cache, threshold):
+    """Each row plans its own steps: mixed prompt lengths (a partial first block under block attention, the prompt's
+    tail sharing it), left padding, steps < max_new_tokens. The batch may run a block longer than a row needs; that
+    row then commits nothing, so its greedy output equals the one decoded alone."""
+    model = diffusion_model("llama", attention=attention, block_size=8)
+    rows = [row[:n] for row, n in zip(prompts(3, 9, seed=seed), (5, 1, 9))]
+    input_ids, attention_mask = left_padded(rows)
+    kwargs = dict(max_new_tokens=16, block_length=8, steps=8, threshold=threshold, use_cache=use_cache, **NO_EOS)
+    batched = generate(model, input_ids, attention_mask, return_dict_in_generate=True, **kwargs)
+    width = input_ids.shape[1]
+    for index, row in enumerate(rows):
+        single = generate(model, row[None], return_dict_in_generate=True, **kwargs)
+        assert torch.equal(batched.sequences[index, width:], single.sequences[0, len(row) :]), f"row {index}"
+        assert single.nfe <= 8
+    if attention == "block":
+        other = generate(model, input_ids, attention_mask, **{**kwargs, "use_cache": not use_cache})
+        assert torch.equal(batched.sequences, other)
 
 
 def test_output_keeps_prompt_and_has_no_mask():
@@ -275,6 +322,151 @@ def test_nfe_equals_steps_without_threshold_and_drops_with_a_confident_model():
     fast = generate(model, prompts(1, 4), threshold=0.9, **kwargs)
     assert fast.nfe == 16 // BLOCK  # one step per block
     assert (fast.sequences[0, 4:] == 40).all()
+
+
+# The NFE bound: no model forward beyond the plan's steps; the prefill and the fused commits of the KV cache are steps
+# themselves, so the cache adds none. nfe <= plan.num_forwards = sum_k max_b num_steps[b, k], with equality without a
+# threshold or an EOS; a row's steps sum to min(steps, its masked positions), so one prompt takes min(steps, N).
+STEP_BUDGETS = [
+    # (max_new_tokens, block_length, steps, prompt_length)
+    (12, 4, 6, 5),  # block attention: partial first block (3 tokens) and a 1-token trailing block
+    (10, 4, 6, 3),  # trailing partial block (LLaDA blocks: 4, 4, 2)
+    (16, 8, 8, 5),
+    (16, 8, 8, 1),
+    (10, 8, 3, 7),  # three blocks of 1, 8, 1 tokens under block attention, in 3 steps
+    (9, 4, 3, 4),
+    (13, 4, 5, 6),
+    (8, 4, 8, 2),
+]
+
+
+@pytest.mark.parametrize("attention", ["block", "bidirectional"])
+@pytest.mark.parametrize(("max_new_tokens", "block_length", "steps", "prompt_length"), STEP_BUDGETS, ids=str)
+def test_nfe_never_exceeds_steps(max_new_tokens, block_length, steps, prompt_length, attention):
+    model = diffusion_model("llama", attention=attention)
+    kwargs = dict(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, **NO_EOS)
+    out = generate(model, prompts(1, prompt_length), return_dict_in_generate=True, **kwargs)
+    assert out.nfe == min(steps, max_new_tokens)
+    assert not (out.sequences == MASK_ID).any()
+    if attention == "block":
+        uncached = generate(model, prompts(1, prompt_length), return_dict_in_generate=True, use_cache=False, **kwargs)
+        assert uncached.nfe == out.nfe and torch.equal(uncached.sequences, out.sequences)
+    confident = generate(model, prompts(1, prompt_length), threshold=0.2, return_dict_in_generate=True, **kwargs)
+    assert confident.nfe <= min(steps, max_new_tokens)
+
+
+@pytest.mark.parametrize("attention", ["block", "bidirectional"])
+def test_batch_nfe_is_the_plans_forwards(attention):
+    """A batch runs each block for its longest-planned row: nfe == plan.num_forwards, which is <= steps where rows
+    share the block layout (bidirectional) and may exceed it with ragged prompts under block attention."""
+    model = diffusion_model("llama", attention=attention, block_size=8)
+    input_ids, attention_mask = left_padded([row[:n] for row, n in zip(prompts(2, 5), (5, 1))])
+    kwargs = dict(max_new_tokens=16, block_length=8, steps=8, return_dict_in_generate=True, **NO_EOS)
+    out = generate(model, input_ids, attention_mask, **kwargs)
+    plan = DecodingPlan.for_generate(
+        attention_mask.sum(-1), max_new_tokens=16, block_length=8, steps=8, aligned=attention == "block"
+    )
+    assert out.nfe == plan.num_forwards
+    assert (plan.num_steps.sum(-1) == 8).all()
+    assert plan.num_forwards == (10 if attention == "block" else 8)  # block: rows split 16 tokens as 3+8+5 and 7+8+1
+
+
+def test_steps_below_the_blocks_an_answer_spans_raise():
+    """Under block attention a partial first block adds a block: 8 tokens after a 5-token prompt span 3 blocks of 4."""
+    model = diffusion_model("llama")
+    with pytest.raises(ValueError, match=r"`steps` must be at least the number of blocks an answer spans, 3 .*"):
+        generate(model, prompts(1, 5), max_new_tokens=8, steps=2)
+    assert generate(model, prompts(1, 5), max_new_tokens=8, steps=3, return_dict_in_generate=True).nfe <= 3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The decoding plan
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize(("max_new_tokens", "block_length", "steps", "prompt_length"), STEP_BUDGETS, ids=str)
+def test_plan_splits_each_rows_tokens_and_steps(max_new_tokens, block_length, steps, prompt_length, aligned):
+    lengths = torch.tensor([prompt_length, 1, prompt_length + 3])  # [B], ragged: different partial first blocks
+    plan = DecodingPlan.for_generate(
+        lengths, max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, aligned=aligned
+    )
+    assert torch.equal(plan.num_tokens.sum(-1), plan.num_masked)  # each row commits exactly its masked positions
+    assert (plan.num_masked.sum(-1) == max_new_tokens).all()
+    assert (plan.num_steps.sum(-1) == min(steps, max_new_tokens)).all()  # never more than `steps`
+    assert torch.equal((plan.num_tokens > 0).sum(-1), plan.num_steps)  # a planned step commits, later ones do not
+    assert ((plan.num_steps >= 1) == (plan.num_masked >= 1)).all() and (plan.num_steps <= plan.num_masked).all()
+    spread = plan.num_tokens.amax(-1) - torch.where(plan.num_tokens > 0, plan.num_tokens, 10**6).amin(-1)
+    assert (spread[plan.num_masked > 0] <= 1).all()  # an even split inside a block
+    assert plan.block_steps == tuple(plan.num_steps.amax(0).tolist())
+    for block in plan.blocks:  # every generated position lies in its block's window
+        lo, hi = plan.windows[block]
+        is_in = plan.block_index == block
+        assert not is_in[:, :lo].any() and not is_in[:, hi:].any()
+        if aligned:
+            assert lo % block_length == 0 and hi - lo <= block_length
+    # a row's plan does not depend on the batch (the grid is absolute, so its blocks keep their ids)
+    for row in range(3):
+        alone = DecodingPlan.for_generate(
+            lengths[row, None], max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, aligned=aligned
+        )
+        width = alone.num_steps.shape[1]
+        assert torch.equal(alone.num_steps[0], plan.num_steps[row, :width])
+        assert torch.equal(alone.num_tokens[0], plan.num_tokens[row, :width, : alone.num_tokens.shape[2]])
+        assert alone.num_forwards <= steps
+
+
+def test_split_steps_rule():
+    # full blocks, J divides steps: LLaDA's steps / J each
+    assert split_steps(torch.tensor([[8, 8, 8, 8]]), 8).tolist() == [[2, 2, 2, 2]]
+    # steps >= masked positions: one token per step
+    assert split_steps(torch.tensor([[3, 8, 5], [1, 0, 2]]), 64).tolist() == [[3, 8, 5], [1, 0, 2]]
+    assert split_steps(torch.tensor([[3, 8, 5]]), None).tolist() == [[3, 8, 5]]
+    # one step per block, the rest in proportion to the masked positions beyond the first, summing to the budget
+    assert split_steps(torch.tensor([[3, 8, 5], [7, 8, 1], [1, 8, 1]]), 8).tolist() == [
+        [1, 4, 3],
+        [3, 4, 1],
+        [1, 6, 1],
+    ]
+    generator = torch.Generator().manual_seed(0)
+    num_masked = torch.randint(0, 9, (64, 5), generator=generator)  # [B, K]
+    num_masked[:, 0] += 1
+    for steps in range(5, 40):
+        num_steps = split_steps(num_masked, steps)
+        assert torch.equal(num_steps.sum(-1), num_masked.sum(-1).clamp(max=steps))
+        assert ((num_steps >= 1) == (num_masked >= 1)).all() and (num_steps <= num_masked).all()
+
+
+def test_infill_steps_below_a_rows_blocks_raise():
+    is_generated = torch.zeros(1, 12, dtype=torch.bool)
+    is_generated[0, [2, 3, 9]] = True  # gaps in attention blocks 0 and 2
+    is_real = torch.ones_like(is_generated)
+    with pytest.raises(ValueError, match=r"blocks holding masked positions \(2\), got steps=1; use steps >= 2\.$"):
+        DecodingPlan.for_infill(is_generated, is_real, block_length=None, grid=4, steps=1)
+    with pytest.raises(ValueError, match=r"\(3\), got steps=2; use steps >= 3 or a larger block_length\.$"):
+        DecodingPlan.for_infill(is_generated, is_real, block_length=1, grid=None, steps=2)
+    model = diffusion_model("llama", attention="bidirectional")
+    with pytest.raises(ValueError, match=r"`steps` must be at least the number of blocks holding masked positions"):
+        infill(model, torch.tensor([[5, MASK_ID, 6, MASK_ID]]), block_length=1, steps=1)
+
+
+def test_infill_plan_is_per_row():
+    """Default steps: one per gap of the row itself; a row's blocks and steps do not depend on the other rows."""
+    is_generated = torch.zeros(2, 12, dtype=torch.bool)
+    is_generated[0, [2, 3, 9]] = True
+    is_generated[1, [1, 2, 3, 5, 6, 7, 8, 10]] = True
+    is_real = torch.ones_like(is_generated)
+    plan = DecodingPlan.for_infill(is_generated, is_real, block_length=None, grid=4, steps=None)
+    assert plan.num_masked.tolist() == [[2, 0, 1], [3, 3, 2]]
+    assert plan.num_steps.tolist() == [[2, 0, 1], [3, 3, 2]]
+    assert torch.equal(plan.num_tokens.sum(-1), plan.num_masked)
+    plan = DecodingPlan.for_infill(is_generated, is_real, block_length=None, grid=4, steps=3)
+    assert plan.num_steps.tolist() == [[2, 0, 1], [1, 1, 1]]
+    alone = DecodingPlan.for_infill(is_generated[:1], is_real[:1], block_length=None, grid=4, steps=3)
+    assert torch.equal(alone.num_steps, plan.num_steps[:1])
+    plan = DecodingPlan.for_infill(is_generated, is_real, block_length=3, grid=None, steps=None)
+    assert plan.num_masked[:, :3].tolist() == [[3, 0, 0], [3, 3, 2]]
+    assert torch.equal(plan.num_tokens.sum(-1), plan.num_masked)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

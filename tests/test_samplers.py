@@ -341,6 +341,28 @@ def test_num_tokens_per_step_matches_llada():
     assert num_tokens_per_step(torch.tensor([10]), 4).tolist() == [[3, 3, 2, 2]]
 
 
+def test_num_tokens_per_step_with_steps_per_row_and_block():
+    """A tensor of steps (the decoding plan's, per row and block): each count split over its own steps, then 0."""
+    num_masked = torch.tensor([[3, 8, 5, 0], [7, 8, 1, 0]])  # [B, K]
+    steps = torch.tensor([[1, 4, 3, 0], [3, 4, 1, 0]])  # [B, K]
+    schedule = num_tokens_per_step(num_masked, steps)  # [B, K, S]
+    assert schedule.shape == (2, 4, 4)
+    assert torch.equal(schedule.sum(dim=-1), num_masked)
+    assert torch.equal((schedule > 0).sum(dim=-1), steps)  # every planned step commits, the others do not
+    assert schedule[0, 2].tolist() == [2, 2, 1, 0]
+    for row in range(2):  # each entry is the scalar schedule of its own count and steps, zero-padded
+        for block in range(3):
+            alone = num_tokens_per_step(num_masked[row, block, None], int(steps[row, block]))[0]
+            assert torch.equal(schedule[row, block, : len(alone)], alone)
+
+
+def test_num_tokens_per_step_rejects_zero_steps_for_masked_counts():
+    with pytest.raises(ValueError, match=r"`steps` must be >= 1 wherever `num_masked` > 0"):
+        num_tokens_per_step(torch.tensor([4, 0]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match=r"`steps` must be >= 1 wherever `num_masked` > 0 \(and never negative\)"):
+        num_tokens_per_step(torch.tensor([4, 0]), torch.tensor([2, -1]))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------------------
