@@ -7,6 +7,7 @@ happens at import).
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import DiffusionConfig
+from .conversion import get_diffusion_model
 from .evaluation import (
     LikelihoodEstimate,
     PerplexityBound,
@@ -16,7 +17,7 @@ from .evaluation import (
     nll_per_token,
 )
 from .generation import DiffusionGenerateOutput, DiffusionGenerationConfig
-from .model import DiffusionLM, DiffusionLMOutput, get_diffusion_model
+from .model import DiffusionLM, DiffusionLMOutput
 from .trainer import DiffusionTrainer
 from .training_config import DiffusionTrainingConfig
 

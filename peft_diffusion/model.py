@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from . import _compat
-from .architectures import check_architecture, is_verified
+from .architectures import check_architecture
 from .attention import (
     AttentionLayout,
     diffusion_attention,
@@ -40,9 +39,8 @@ from .attention import (
     selectable_patterns,
     two_stream_layout,
 )
-from .config import DEFAULT_MASK_TOKEN, DiffusionConfig
+from .config import DiffusionConfig
 from .objective import diffusion_objective
-from .probe import probe_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +132,8 @@ class DiffusionLM(PreTrainedModel):
         **model_kwargs,
     ) -> DiffusionLM:
         """Same as `get_diffusion_model`."""
+        from .conversion import get_diffusion_model
+
         return get_diffusion_model(
             model, config, tokenizer=tokenizer, peft_config=peft_config, load_in_4bit=load_in_4bit, **model_kwargs
         )
@@ -465,6 +465,7 @@ class DiffusionLM(PreTrainedModel):
         *model_args,
         base_model: PreTrainedModel | None = None,
         is_trainable: bool = False,
+        allow_base_mismatch: bool = False,
         **kwargs,
     ) -> DiffusionLM:
         """Load a saved diffusion LM: a LoRA adapter folder (base + adapter + diffusion settings) or a full model.
@@ -474,37 +475,50 @@ class DiffusionLM(PreTrainedModel):
             base_model (`PreTrainedModel`, *optional*): the base causal LM of an adapter; loaded from
                 `config.base_model_name_or_path` when omitted.
             is_trainable (`bool`, defaults to `False`): keep the adapter trainable (to continue training).
+            allow_base_mismatch (`bool`, defaults to `False`): load an adapter onto a base whose fingerprint
+                (config, vocabulary, embedding checksum) differs from the one it was trained on.
             kwargs: passed to the base model's `from_pretrained` (`dtype`, `attn_implementation`, `device_map`, ...).
+
+        Loading is strict: missing or unexpected weights are errors, code shipped with a checkpoint is never run, and
+        the model is returned in eval mode (as transformers models are).
         """
+        if kwargs.get("trust_remote_code"):
+            raise ValueError(
+                "peft-diffusion never runs code shipped with a checkpoint: `trust_remote_code=True` is not supported."
+            )
+        kwargs.pop("trust_remote_code", None)
         hub_kwargs = {
             key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
         }
         adapter_file = _compat.find_file(pretrained_model_name_or_path, ADAPTER_CONFIG_NAME, **hub_kwargs)
         if adapter_file is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            return _load_full_model(super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs)
 
-        config_file = _compat.find_file(pretrained_model_name_or_path, DIFFUSION_CONFIG_NAME, **hub_kwargs)
-        if config_file is None:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds a PEFT adapter but no {DIFFUSION_CONFIG_NAME}: it was not saved "
-                "by `DiffusionLM.save_pretrained`; load it with `peft.PeftModel.from_pretrained` instead."
-            )
-        with open(config_file, encoding="utf-8") as handle:
-            config = DiffusionConfig.from_dict(json.load(handle))
-        if base_model is None:
-            if not config.base_model_name_or_path:
-                raise ValueError(
-                    f"{pretrained_model_name_or_path} holds an adapter whose base model path is unknown; pass "
-                    "`base_model=AutoModelForCausalLM.from_pretrained(...)`."
-                )
-            base_model = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, **kwargs)
-        # The adapter was trained on a base whose embeddings may have grown by the mask token.
-        saved_vocab = config.base_config.vocab_size
-        if base_model.get_input_embeddings().weight.shape[0] < saved_vocab:
-            base_model.resize_token_embeddings(saved_vocab, mean_resizing=True)
-        config.base_config = base_model.config
-        peft_model = PeftModel.from_pretrained(base_model, pretrained_model_name_or_path, is_trainable=is_trainable)
-        return cls(config, model=peft_model)
+        from .conversion import load_adapter_model
+
+        return load_adapter_model(
+            cls,
+            pretrained_model_name_or_path,
+            base_model=base_model,
+            is_trainable=is_trainable,
+            allow_base_mismatch=allow_base_mismatch,
+            hub_kwargs=hub_kwargs,
+            **kwargs,
+        )
+
+
+def _load_full_model(load, path, *model_args, **kwargs) -> DiffusionLM:
+    """`PreTrainedModel.from_pretrained` of a full diffusion model, refusing missing, unexpected or mismatched
+    weights (transformers would initialise missing ones randomly and only log it)."""
+    model, info = load(path, *model_args, output_loading_info=True, trust_remote_code=False, **kwargs)
+    problems = {key: value for key, value in info.items() if key != "error_msgs" and value}
+    if problems or info.get("error_msgs"):
+        details = "; ".join(f"{key}: {sorted(value)[:3]}" for key, value in problems.items())
+        raise ValueError(
+            f"The weights in {path} do not match the model ({details or info.get('error_msgs')}): the checkpoint is "
+            "incomplete or belongs to another model."
+        )
+    return model.eval()
 
 
 def _causal_lm(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
@@ -530,168 +544,3 @@ def _check_attention_backend(config: DiffusionConfig, implementation: str | None
             f"attn_implementation={implementation!r} needs flash-attn (GPU only): "
             '`pip install "peft-diffusion[flash]"`, or use attn_implementation="sdpa".'
         )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Conversion
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def get_diffusion_model(
-    model: PreTrainedModel | str,
-    config: DiffusionConfig | None = None,
-    *,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    peft_config: PeftConfig | None = None,
-    load_in_4bit: bool = False,
-    **model_kwargs,
-) -> DiffusionLM:
-    r"""Turn a causal LM into a `DiffusionLM`, with a PEFT adapter (LoRA/QLoRA) or for full finetuning.
-
-    Outline:
-    1. load the causal LM if a path is given (4-bit with bitsandbytes when `load_in_4bit`);
-    2. refuse architectures whose token mixing is not attention alone;
-    3. resolve the mask token: the config's id, else the tokenizer's mask token, else a reserved/unused special token,
-       else a new `<|mask|>` token (embeddings resized, mean-initialised row);
-    4. wrap with PEFT when `peft_config` is given; the mask-token row is trained and saved through
-       `trainable_token_indices` under LoRA;
-    5. probe architectures outside the verified table once.
-
-    Args:
-        model (`PreTrainedModel` or `str`): any `AutoModelForCausalLM`, or a path/Hub id to load one from.
-        config (`DiffusionConfig`, *optional*): the diffusion settings (defaults: block attention, block_size 32).
-        tokenizer (`PreTrainedTokenizerBase`, *optional*): used to find or add the mask token (a new token is added
-            to it); needed unless `config.mask_token_id` is set.
-        peft_config (`PeftConfig`, *optional*): e.g. `LoraConfig(r=64, target_modules="all-linear")`; `None` for full
-            finetuning.
-        load_in_4bit (`bool`, defaults to `False`): load `model` (a path) in 4-bit NF4 for QLoRA (needs bitsandbytes).
-        model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` when `model` is a path.
-
-    Example:
-    ```python
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from peft import LoraConfig
-    >>> from peft_diffusion import DiffusionConfig, get_diffusion_model
-    >>> base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-    ...                                     num_hidden_layers=2, num_attention_heads=4))
-    >>> model = get_diffusion_model(base, DiffusionConfig(attention="block", block_size=4, mask_token_id=127),
-    ...                             peft_config=LoraConfig(r=8, target_modules="all-linear"))
-    >>> model(input_ids=torch.tensor([[1, 2, 127, 127]])).logits.shape
-    torch.Size([1, 4, 128])
-    ```
-    """
-    # 1. load
-    config = DiffusionConfig() if config is None else DiffusionConfig.from_dict(config.to_dict())
-    if isinstance(model, (str, os.PathLike)):
-        if load_in_4bit:
-            model_kwargs["quantization_config"] = _nf4_config(model_kwargs.get("dtype"))
-        model = AutoModelForCausalLM.from_pretrained(model, **model_kwargs)
-    elif load_in_4bit:
-        raise ValueError("`load_in_4bit=True` needs a path to load from; pass an already-quantized model instead.")
-    if isinstance(model, PeftModel):
-        raise ValueError("`model` is already a PeftModel; pass the plain causal LM and a `peft_config`.")
-
-    # 2. architecture and attention backend
-    check_architecture(model.config)
-    _check_attention_backend(config, _compat.attn_implementation(model.config))
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        raise ValueError(
-            f"The tokenizer has {len(tokenizer)} tokens but the model's embedding matrix has "
-            f"{model.get_input_embeddings().weight.shape[0]} rows: `tokenizer` does not belong to `model`."
-        )
-
-    # 3. mask token
-    mask_token_id, resized = _resolve_mask_token(model, config, tokenizer)
-    config.mask_token_id = mask_token_id
-    if tokenizer is not None and config.mask_token is None:
-        config.mask_token = tokenizer.convert_ids_to_tokens(mask_token_id)
-    config.base_config = model.config
-    config.base_model_name_or_path = config.base_model_name_or_path or model.config.name_or_path or None
-    _compat.set_attn_implementation(config, _compat.attn_implementation(model.config))
-    config.validate_diffusion()
-
-    # 4. PEFT
-    if peft_config is not None:
-        if _is_quantized(model):
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        if isinstance(peft_config, LoraConfig) and peft_config.trainable_token_indices is None:
-            # The mask token's embedding is new (or an untrained reserved row): train and save just that row.
-            peft_config.trainable_token_indices = [mask_token_id]
-        model = get_peft_model(model, peft_config)
-    elif _is_quantized(model):
-        raise ValueError("A 4-bit quantized model cannot be fully finetuned; pass a `peft_config` (QLoRA).")
-    if resized:
-        logger.info("Added the mask token %r as id %d (embeddings resized).", config.mask_token, mask_token_id)
-
-    diffusion_model = DiffusionLM(config, model=model)
-    # 5. probe unknown architectures
-    if not is_verified(diffusion_model.causal_lm.config):
-        probe_architecture(diffusion_model.causal_lm)
-    return diffusion_model
-
-
-def _resolve_mask_token(
-    model: PreTrainedModel, config: DiffusionConfig, tokenizer: PreTrainedTokenizerBase | None
-) -> tuple[int, bool]:
-    """The mask token's id, and whether the embeddings were resized for it."""
-    num_rows = model.get_input_embeddings().weight.shape[0]
-    if config.mask_token_id is not None:
-        if not 0 <= config.mask_token_id < num_rows:
-            raise ValueError(
-                f"`mask_token_id`={config.mask_token_id} is outside the embedding matrix ({num_rows} rows); "
-                "leave it unset and pass `tokenizer` to add a mask token."
-            )
-        return config.mask_token_id, False
-    if tokenizer is None:
-        raise ValueError(
-            "No mask token: pass `tokenizer` (its mask token is used or one is added) or set "
-            "`DiffusionConfig(mask_token_id=...)` to an id inside the embedding matrix."
-        )
-    if config.mask_token is not None and config.mask_token in tokenizer.get_vocab():
-        return tokenizer.convert_tokens_to_ids(config.mask_token), False
-    if tokenizer.mask_token_id is not None:
-        return tokenizer.mask_token_id, False
-    reserved = _reserved_token_id(tokenizer)
-    if reserved is not None:
-        tokenizer.mask_token = tokenizer.convert_ids_to_tokens(reserved)
-        return reserved, False
-    # A new special token: it takes a spare row when the matrix is padded (multiples of 64/128), else one is added.
-    tokenizer.add_special_tokens({"mask_token": config.mask_token or DEFAULT_MASK_TOKEN})
-    mask_token_id = tokenizer.mask_token_id
-    resized = mask_token_id >= num_rows
-    if resized:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    return mask_token_id, resized
-
-
-def _reserved_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """A reserved/unused special token (Llama-3 `<|reserved_special_token_k|>`, Gemma `<unused0>`), if any."""
-    candidates = sorted(
-        (token_id, token.content)
-        for token_id, token in tokenizer.added_tokens_decoder.items()
-        if "reserved" in token.content or "unused" in token.content
-    )
-    return candidates[0][0] if candidates else None
-
-
-def _is_quantized(model: PreTrainedModel) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
-def _nf4_config(dtype=None):
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            '`load_in_4bit=True` (QLoRA) needs bitsandbytes: `pip install "peft-diffusion[qlora]"`.'
-        ) from error
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
-    )

@@ -38,7 +38,8 @@ from trl import SFTTrainer
 from . import _compat
 from .attention import positions_from_inputs
 from .config import DiffusionConfig
-from .model import DiffusionLM, get_diffusion_model
+from .conversion import get_diffusion_model
+from .model import DiffusionLM
 from .objective import reduce_metrics
 from .training_config import EOS_POLICIES, DiffusionTrainingConfig
 
@@ -317,7 +318,9 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
             if args.gradient_accumulation_steps == 1 and self.accelerator.num_processes == 1:
                 _compat.check_num_items_in_batch(num_items_in_batch, inputs["labels"])
             self._num_items_checked = True
-        # 2. forward
+        # 2. forward: `num_items_in_batch` (the Trainer's target count over accumulated micro-batches) normalises the
+        # per-target ELBO; the per-masked-token mean ("masked") has no such count
+        per_target = args.loss_normalization == "targets"
         outputs = model(
             input_ids=inputs["input_ids"],
             labels=inputs["labels"],
@@ -328,12 +331,15 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
             complementary_masking=args.complementary_masking if training else False,
             normalization=args.loss_normalization if training else "targets",
             generator=None if training else self._eval_generator,
-            num_items_in_batch=num_items_in_batch if training else None,
+            num_items_in_batch=num_items_in_batch if training and per_target else None,
         )
         loss = outputs.loss
-        # 3. token averaging across ranks
-        if training and args.average_tokens_across_devices and num_items_in_batch is not None:
+        # 3. token averaging across ranks; a per-masked-token mean is taken per micro-batch instead, and the Trainer,
+        # which handed over `num_items_in_batch`, expects the loss already scaled for gradient accumulation
+        if training and per_target and args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
+        if training and not per_target and num_items_in_batch is not None:
+            loss = loss / args.gradient_accumulation_steps
         # 4. metrics, by name
         metrics = dict(outputs.metrics)
         if not training:

@@ -322,12 +322,12 @@ def unknown_architecture():
 
 def test_unverified_architecture_is_probed(monkeypatch):
     # An architecture outside the table takes the generic path after a probe, which must actually run.
-    from peft_diffusion import model as model_module
+    from peft_diffusion import conversion as conversion_module
 
     calls = []
-    probe = model_module.probe_architecture
+    probe = conversion_module.probe_architecture
     monkeypatch.setattr(
-        model_module, "probe_architecture", lambda causal_lm: calls.append(causal_lm) or probe(causal_lm)
+        conversion_module, "probe_architecture", lambda causal_lm: calls.append(causal_lm) or probe(causal_lm)
     )
     model = get_diffusion_model(
         unknown_architecture(), DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID)
