@@ -16,7 +16,8 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from ._compat import SubConfigSpec
 from .attention import AttentionPattern, get_attention_pattern
-from .noise import MASKING_POLICIES, NOISE_SCHEDULES
+from .corruption import MASKING_POLICIES
+from .noise import NOISE_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ _ALL_HOST_KEYS: frozenset[str] | None = None
 # a file written by another transformers release still loads.
 _FROM_DICT: ContextVar[bool] = ContextVar("peft_diffusion_config_from_dict", default=False)
 # Beyond this position-dependent masking strength, most late targets are masked with certainty and carry no ELBO
-# weight (their per-token schedule is flat), so the loss loses its signal (`noise.position_dependent_masking`).
+# weight (their per-token schedule is flat), so the loss loses its signal (`corruption.position_dependent_masking`).
 MAX_MASKING_STRENGTH = 10.0
 # The field types checked at construction (bool is not accepted where an int is expected, nor a string for a bool).
 _FIELD_TYPES = {

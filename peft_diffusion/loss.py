@@ -1,4 +1,4 @@
-r"""The masked-diffusion ELBO as a pure function of logits and a `Corruption` (notation: see `noise.py`).
+r"""The masked-diffusion ELBO as a pure function of logits and a `Corruption` (`corruption.py`; notation: `noise.py`).
 
     loss = sum_{i masked target} elbo_weight_i * CE_i / normalizer,    CE_i = -log p_theta(x_0^i | x_t)_i
 

@@ -246,7 +246,7 @@ class DiffusionLM(PreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 With labels, `input_ids` are the clean tokens x_0 and the forward returns the diffusion loss: the
                 tokens with `labels != -100` are the targets (prompt and padding stay clean), a time t and a
-                corruption are drawn (`noise.py`), and the masked cross-entropy is weighted by the ELBO weight
+                corruption are drawn (`noise.py`, `corruption.py`), and the masked cross-entropy is weighted by the ELBO weight
                 (`loss.py`); one step of `objective.diffusion_objective`. Like a causal LM with labels, but the labels are not shifted by the caller.
             t (`torch.Tensor` of shape `(batch_size,)` or `(batch_size, num_blocks)`, *optional*): an explicit time
                 (per block under block attention) instead of a draw.
@@ -404,7 +404,7 @@ class DiffusionLM(PreTrainedModel):
         # The first token of a document has no left neighbour: it reads itself (it is never a target under shift),
         # so padding or a previous packed document never leaks into it. With a KV cache, the first input token's left
         # neighbour is cached and has no logits here: it reads itself too, so its row is no prediction (the decoding
-        # loop keeps those logits from the forward that committed the neighbour: `generation.py`).
+        # loop keeps those logits from the forward that committed the neighbour: `decoding.py`).
         source = (torch.where(positions == 0, index, index - 1) - offset).clamp(min=0)  # [B, keep]
         if two_stream:
             # The first token of a noisy block is predicted from the clean copy of the previous token: under the
@@ -415,7 +415,7 @@ class DiffusionLM(PreTrainedModel):
         return raw_logits.gather(1, gather_index)  # [B, L, V]
 
     # ------------------------------------------------------------------------------------------------------------
-    # Generation (the loop lives in generation.py)
+    # Generation (the public side lives in generation.py, the loop in decoding.py)
     # ------------------------------------------------------------------------------------------------------------
 
     def can_generate(self) -> bool:

@@ -2,7 +2,8 @@
 
 `DiffusionLM.forward(labels=...)` calls `diffusion_objective` (the HF convention `forward(labels=...) -> loss`); the
 trainer reads the loss and the metrics, and reduces the metrics with `reduce_metrics` when it logs. The math lives
-in `noise.py` (time, corruption) and `loss.py` (the ELBO); this module only wires one step of it.
+in `noise.py` (time), `corruption.py` (the corruption) and `loss.py` (the ELBO); this module only wires one step of
+it.
 
 Metrics of one step (`ObjectiveOutput.metrics`, detached, by name):
 
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from .attention import positions_from_inputs
+from .corruption import complementary, corrupt, masked_corruption
 from .loss import diffusion_loss
-from .noise import complementary, corrupt, group_time, masked_corruption, sample_time
+from .noise import group_time, sample_time
 
 __all__ = ["MEAN_METRICS", "T_BUCKET_EDGES", "ObjectiveOutput", "diffusion_objective", "reduce_metrics"]
 
@@ -77,7 +79,7 @@ def diffusion_objective(
     2. time: drawn unless given, one t per document, or per attention block of each document (`noise.group_time`:
        packed documents and left padding follow positions, as the attention does); a given `t` is per sequence, per
        column block or per token;
-    3. corruption: the masking policy of the config (`noise.corrupt`), or the given `is_masked`; optionally the
+    3. corruption: the masking policy of the config (`corruption.corrupt`), or the given `is_masked`; optionally the
        complementary copy;
     4. logits on x_t from `model` (a `DiffusionLM`; two-stream `[x_t ; x_0]` when its pattern trains with clean
        context);

@@ -1,6 +1,6 @@
 """Unmasking rules for masked-diffusion decoding: which masked positions of the active block to commit each step.
 
-The denoising loop (`generation.py`) decides *how many* positions a step commits and calls the model; this module is
+The denoising loop (`decoding.py`) decides *how many* positions a step commits and calls the model; this module is
 pure tensor math over the model's logits and decides *which* ones. It never calls a model and imports only torch.
 
 Notation (shared with `noise.py`; shapes are per call of one denoising step on the active block):
@@ -36,7 +36,7 @@ Samplers (registry `SAMPLERS`, keys are the `sampler` config values):
     Peng et al. 2025 ("Path Planning", arXiv:2502.03540) frame such scores as unmasking planners.
 
 `num_tokens_per_step` is LLaDA's schedule of how many tokens each step commits (an even split over the steps); the
-decoding plan (`generation.DecodingPlan`) calls it once per call with each row's own steps per block.
+decoding plan (`decoding.DecodingPlan`) calls it once per call with each row's own steps per block.
 """
 
 from __future__ import annotations

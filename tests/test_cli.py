@@ -25,15 +25,9 @@ from peft_diffusion.cli.convert import DiffusionArguments, convert_parser
 from peft_diffusion.cli.demo import _one_line, answer_length
 from peft_diffusion.cli.live import LiveView, commit_steps
 from peft_diffusion.cli.main import main
+from peft_diffusion.corruption import MASKING_POLICIES, register_masking_policy, uniform_masking
 from peft_diffusion.evaluation import ar_nll_per_token
-from peft_diffusion.noise import (
-    MASKING_POLICIES,
-    NOISE_SCHEDULES,
-    LinearNoiseSchedule,
-    register_masking_policy,
-    register_noise_schedule,
-    uniform_masking,
-)
+from peft_diffusion.noise import NOISE_SCHEDULES, LinearNoiseSchedule, register_noise_schedule
 from peft_diffusion.samplers import SAMPLERS, register_sampler
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,14 +8,8 @@ from conftest import ARCHITECTURES, MASK_ID, tiny_causal_lm
 from transformers import TextIteratorStreamer, TextStreamer
 
 from peft_diffusion import DiffusionConfig, get_diffusion_model
-from peft_diffusion.generation import (
-    DecodingPlan,
-    DiffusionGenerateOutput,
-    DiffusionGenerationConfig,
-    generate,
-    infill,
-    split_steps,
-)
+from peft_diffusion.decoding import DecodingPlan, split_steps
+from peft_diffusion.generation import DiffusionGenerateOutput, DiffusionGenerationConfig, generate, infill
 from peft_diffusion.samplers import SAMPLERS
 
 BLOCK = 4

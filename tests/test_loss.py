@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
+from peft_diffusion.corruption import complementary, corrupt, get_masking_policy
 from peft_diffusion.loss import DiffusionLossOutput, diffusion_loss
-from peft_diffusion.noise import complementary, corrupt, get_masking_policy, get_noise_schedule, sample_time
+from peft_diffusion.noise import get_noise_schedule, sample_time
 
 VOCAB = 7
 MASK_ID = 6

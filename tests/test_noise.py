@@ -3,24 +3,26 @@ import math
 import pytest
 import torch
 
-from peft_diffusion.noise import (
+from peft_diffusion.corruption import (
     MASKING_POLICIES,
-    NOISE_SCHEDULES,
     Corruption,
-    LinearNoiseSchedule,
     apply_mask,
     complementary,
     corrupt,
-    elbo_weight,
-    expand_time,
     get_masking_policy,
-    get_noise_schedule,
-    group_time,
     position_dependent_masking,
     register_masking_policy,
+    uniform_masking,
+)
+from peft_diffusion.noise import (
+    NOISE_SCHEDULES,
+    LinearNoiseSchedule,
+    elbo_weight,
+    expand_time,
+    get_noise_schedule,
+    group_time,
     register_noise_schedule,
     sample_time,
-    uniform_masking,
 )
 from peft_diffusion.trainer import eos_targets
 

@@ -8,7 +8,8 @@ from conftest import MASK_ID, tiny_causal_lm
 from peft import LoraConfig
 
 from peft_diffusion import DiffusionConfig, get_diffusion_model
-from peft_diffusion.noise import corrupt, group_time, sample_time
+from peft_diffusion.corruption import corrupt
+from peft_diffusion.noise import group_time, sample_time
 from peft_diffusion.trainer import annealing_ratio
 
 

@@ -16,7 +16,8 @@ from test_trainer import dataset, lora, training_args
 
 from peft_diffusion import DiffusionConfig, get_diffusion_model
 from peft_diffusion.attention import ATTENTION_PATTERNS, AttentionPattern, register_attention_pattern
-from peft_diffusion.noise import MASKING_POLICIES, NOISE_SCHEDULES, register_masking_policy, register_noise_schedule
+from peft_diffusion.corruption import MASKING_POLICIES, register_masking_policy
+from peft_diffusion.noise import NOISE_SCHEDULES, register_noise_schedule
 from peft_diffusion.samplers import SAMPLERS, register_sampler
 from peft_diffusion.trainer import DiffusionTrainer
 

@@ -114,7 +114,8 @@ def registered_names() -> dict[str, list[str]]:
     registered (`@register_attention_pattern`, ...) before `main` is called is a valid value.
     """
     from ..attention import selectable_patterns
-    from ..noise import MASKING_POLICIES, NOISE_SCHEDULES
+    from ..corruption import MASKING_POLICIES
+    from ..noise import NOISE_SCHEDULES
     from ..samplers import SAMPLERS
 
     return {
