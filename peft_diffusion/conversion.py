@@ -225,7 +225,7 @@ _CHECKSUM_ROWS = 256  # embedding rows summed by the weight checksum (rows a res
 
 def base_fingerprint(model: PreTrainedModel, *, revision: str | None = None) -> dict:
     """What identifies a base causal LM: its name, revision (when known), a hash of its config, its vocabulary size
-    and a checksum of its first embedding rows (input and output embeddings). Stored in `diffusion_config.json` by
+    and a checksum of its first embedding rows (input and output embeddings: signed sums of 8 row groups). Stored in `diffusion_config.json` by
     `get_diffusion_model` (before any resize for the mask token) and checked when an adapter is loaded onto a base."""
     config = model.config.to_dict()
     stable = {
@@ -234,25 +234,28 @@ def base_fingerprint(model: PreTrainedModel, *, revision: str | None = None) -> 
         if key not in _VOLATILE_CONFIG_KEYS and not key.endswith("_token_id") and not key.startswith("_")
     }
     config_hash = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    checksum = 0.0
+    checksum = []  # signed sums of 8 groups of embedding rows: different weights give an unrelated vector
     for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
         weight = getattr(embedding, "weight", None)
         if weight is not None and weight.device.type != "meta" and weight.dim() == 2:
-            checksum += float(weight[:_CHECKSUM_ROWS].detach().double().abs().sum())
+            rows = weight[:_CHECKSUM_ROWS].detach().double()  # [<=256, H]
+            groups = torch.arange(rows.shape[0], device=rows.device) % 8  # [<=256]
+            sums = torch.zeros(8, dtype=torch.float64, device=rows.device).index_add_(0, groups, rows.sum(-1))
+            checksum += [round(float(value), 6) for value in sums]
     return {
         "name_or_path": model.config.name_or_path or None,
         "revision": revision,
         "config_hash": config_hash,
         "vocab_size": int(model.get_input_embeddings().weight.shape[0]),
-        "weights_checksum": round(checksum, 4),
+        "weights_checksum": checksum,
     }
 
 
 def check_base_fingerprint(saved: dict | None, base_model: PreTrainedModel, *, source, allow_mismatch: bool) -> None:
     """Refuse to load an adapter onto a base that is not the one it was trained on (unless `allow_mismatch`).
 
-    The config hash, the vocabulary size (before or after the mask-token resize) and the weight checksum (relative
-    tolerance 1e-2, so a bf16 load of the same weights passes) must match; a different name alone is only logged.
+    The config hash, the vocabulary size (before or after the mask-token resize) and the weight checksum (within 1%
+    of its norm, so a bf16 load of the same weights passes) must match; a different name alone is only logged.
     """
     if not saved:
         return
@@ -263,8 +266,10 @@ def check_base_fingerprint(saved: dict | None, base_model: PreTrainedModel, *, s
     if saved.get("vocab_size") not in (None, found["vocab_size"]):
         problems.append(f"its vocabulary has {found['vocab_size']} rows, the adapter's base had {saved['vocab_size']}")
     expected = saved.get("weights_checksum")
-    if expected is not None and abs(found["weights_checksum"] - expected) > 1e-2 * max(abs(expected), 1e-6):
-        problems.append("its embedding weights differ")
+    if expected is not None:
+        expected, got = torch.tensor(expected, dtype=torch.float64), torch.tensor(found["weights_checksum"])
+        if expected.shape != got.shape or float((expected - got).norm()) > 1e-2 * max(float(expected.norm()), 1e-6):
+            problems.append("its embedding weights differ")
     if problems and not allow_mismatch:
         raise ValueError(
             f"The adapter in {source} was trained on {saved.get('name_or_path')!r}, and the base model given "
@@ -305,7 +310,13 @@ def load_adapter_strictly(base_model: PreTrainedModel, path, *, is_trainable: bo
     from peft import get_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    peft_model = PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable, **hub_kwargs)
+    try:
+        peft_model = PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable, **hub_kwargs)
+    except KeyError as error:
+        raise ValueError(
+            f"The adapter in {path} does not match the model it is loaded onto: PEFT found no weight for {error}. "
+            "The adapter file is incomplete or belongs to another base model."
+        ) from error
     saved = set(load_peft_weights(str(path), device="cpu", **hub_kwargs))
     expected = set(get_peft_model_state_dict(peft_model))
     missing, unexpected = sorted(expected - saved), sorted(saved - expected)

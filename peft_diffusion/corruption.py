@@ -389,7 +389,7 @@ def corrupt(
 
 
 def complementary(
-    corruption: Corruption, input_ids: torch.Tensor, is_target: torch.Tensor, mask_token_id: int
+    corruption: Corruption, input_ids: torch.Tensor, is_target: torch.Tensor, mask_token_id: int, eps: float = 1e-3
 ) -> Corruption:
     r"""The complementary draw: mask exactly the targets the first draw left clean (Fast-dLLM v2).
 
@@ -404,6 +404,10 @@ def complementary(
     the complement reverses the positional tilt, so each token's term is unbiased but the context is not a forward
     draw. Tokens with `1 - p_i = 0` are never masked in the complement and get weight 0.
 
+    Time floor. The primary draw keeps `t >= eps`, so its weight stays below `1 / eps`; the complement's mask rate
+    `1 - p_i` gets the same floor in the weight's denominator (`p_i / max(1 - p_i, eps)`), so a primary draw near
+    `t = 1` cannot give the complement a weight far above the primary's largest.
+
     Time. The returned `t` is the reflected time `1 - t`: the complement's time for the linear schedule (with mask
     rate `1 - t`); for other schedules `mask_prob` and `elbo_weight` are the quantities that matter.
 
@@ -412,6 +416,7 @@ def complementary(
         input_ids (`torch.LongTensor` of shape `[B, L]`): clean tokens `x_0`.
         is_target (`torch.BoolTensor` of shape `[B, L]`): the targets used for the first draw.
         mask_token_id (`int`): id of the mask token.
+        eps (`float`, defaults to 1e-3): the time floor of the primary draw (`sample_time`'s `eps`).
 
     Returns:
         `Corruption` with `is_masked = is_target & ~corruption.is_masked`.
@@ -419,7 +424,7 @@ def complementary(
     is_masked = is_target & ~corruption.is_masked  # [B, L]
     mask_prob = torch.where(is_target, 1.0 - corruption.mask_prob, 0.0)  # [B, L]
     has_prob = is_target & (mask_prob > 0)  # [B, L]
-    ratio = corruption.mask_prob / torch.where(has_prob, mask_prob, 1.0)  # [B, L] p / (1 - p)
+    ratio = corruption.mask_prob / torch.where(has_prob, mask_prob.clamp(min=eps), 1.0)  # [B, L] p / max(1 - p, eps)
     weight = torch.where(has_prob, corruption.elbo_weight * ratio, 0.0)  # [B, L]
     return Corruption(
         noisy_ids=apply_mask(input_ids, is_masked, mask_token_id),

@@ -125,7 +125,7 @@ def diffusion_objective(
         corruption = masked_corruption(input_ids, is_target, is_masked, t, **noise)
     corruptions = [corruption]
     if complementary_masking:
-        corruptions.append(complementary(corruption, input_ids, is_target, config.mask_token_id))
+        corruptions.append(complementary(corruption, input_ids, is_target, config.mask_token_id, eps=time_eps))
     noisy_ids = torch.cat([c.noisy_ids for c in corruptions])  # [B or 2B, L]
     repeat = len(corruptions)
 

@@ -1,0 +1,191 @@
+"""Bad inputs and faults: each gives one clear error naming the argument and the fix, never a silent wrong result.
+
+Table-driven: every case builds its input, calls the public API and expects a `ValueError` matching a pattern.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import MASK_ID, VOCAB_SIZE, tiny_causal_lm
+from safetensors.torch import load_file, save_file
+from test_model import lora, word_tokenizer
+from test_trainer import make_trainer
+from transformers import AutoModelForCausalLM, BertConfig, BertModel
+
+from peft_diffusion import DiffusionConfig, DiffusionLM, get_diffusion_model
+from peft_diffusion.corruption import complementary, corrupt
+
+# ---------------------------------------------------------------------------------------------------------------
+# DiffusionConfig: typos, wrong types, nonsense values
+# ---------------------------------------------------------------------------------------------------------------
+
+CONFIG_CASES = {
+    "typo-attention": (dict(attenton="bidirectional"), r"'attenton' \(did you mean 'attention'\?\)"),
+    "typo-block-size": (dict(blocksize=8), r"'blocksize' \(did you mean 'block_size'\?\)"),
+    "string-bool": (dict(shift="no"), r"`shift` must be bool, got shift='no'"),
+    "bool-int": (dict(block_size=True), r"`block_size` must be int"),
+    "string-strength": (dict(masking_strength="high"), r"`masking_strength` must be int or float"),
+    "nan-strength": (dict(masking_strength=math.nan), r"`masking_strength` must be a number in \[0, 10\]"),
+    "inf-strength": (dict(masking_strength=math.inf), r"`masking_strength` must be a number in \[0, 10\]"),
+    "huge-strength": (dict(masking_strength=5000.0), r"`masking_strength` must be a number in \[0, 10\]"),
+    "float-mask-id": (dict(mask_token_id=3.0), r"`mask_token_id` must be int or None"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_config_refuses(case):
+    kwargs, match = CONFIG_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        DiffusionConfig(**kwargs)
+
+
+@pytest.mark.parametrize("special", ["eos_token_id", "pad_token_id", "bos_token_id"])
+def test_mask_token_equal_to_a_special_token_is_refused(special):
+    base = tiny_causal_lm("llama")
+    special_id = getattr(base.config, special)
+    with pytest.raises(ValueError, match=rf"`mask_token_id`={special_id} is the base model's {special}"):
+        get_diffusion_model(base, DiffusionConfig(mask_token_id=special_id))
+
+
+def test_a_saved_config_with_unknown_keys_still_loads(tmp_path, caplog):
+    DiffusionConfig(mask_token_id=5).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["future_field"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert DiffusionConfig.from_pretrained(tmp_path).mask_token_id == 5
+    assert "future_field" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_conversion_refuses_what_is_not_a_plain_causal_lm():
+    model = get_diffusion_model(tiny_causal_lm("llama"), DiffusionConfig(mask_token_id=MASK_ID))
+    with pytest.raises(ValueError, match=r"already a DiffusionLM.*model.causal_lm"):
+        get_diffusion_model(model, DiffusionConfig(mask_token_id=MASK_ID))
+    encoder = BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match=r"must be a transformers causal LM.*got BertModel"):
+        get_diffusion_model(encoder, DiffusionConfig(mask_token_id=5))
+
+
+def test_remote_code_is_never_run(tmp_path):
+    base = tiny_causal_lm("llama")
+    base.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(ValueError, match="trust_remote_code=True. is not supported"):
+        get_diffusion_model(str(tmp_path), DiffusionConfig(mask_token_id=MASK_ID), trust_remote_code=True)
+    # The auto_map is ignored: the model loads as the transformers class, no prompt, no code.
+    model = get_diffusion_model(str(tmp_path), DiffusionConfig(mask_token_id=MASK_ID))
+    assert type(model.causal_lm).__name__ == "LlamaForCausalLM"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strict loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    """A LoRA diffusion model on a saved base (mask token added), saved to tmp_path / 'adapter'."""
+    base = tiny_causal_lm("llama")
+    base.save_pretrained(tmp_path / "base")
+    model = get_diffusion_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+        DiffusionConfig(attention="block", block_size=4),
+        tokenizer=word_tokenizer(vocab_size=VOCAB_SIZE),
+        peft_config=lora(),
+    )
+    model.config.base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path
+
+
+def _rewrite_adapter(folder, change):
+    path = folder / "adapter_model.safetensors"
+    save_file(change(load_file(path)), path)
+
+
+def test_loaded_model_is_in_eval_mode(saved_adapter):
+    assert not DiffusionLM.from_pretrained(saved_adapter / "adapter").training
+
+
+def test_an_adapter_whose_keys_match_nothing_is_refused(saved_adapter):
+    _rewrite_adapter(saved_adapter / "adapter", lambda weights: {f"x.{k}": v for k, v in weights.items()})
+    with pytest.raises(ValueError, match=r"does not match the model it is loaded onto"):
+        DiffusionLM.from_pretrained(saved_adapter / "adapter")
+
+
+def test_an_adapter_missing_half_its_keys_is_refused(saved_adapter):
+    _rewrite_adapter(saved_adapter / "adapter", lambda weights: dict(list(sorted(weights.items()))[::2]))
+    with pytest.raises(ValueError, match="adapter weights missing"):
+        DiffusionLM.from_pretrained(saved_adapter / "adapter")
+
+
+def test_an_adapter_on_another_base_of_the_same_shapes_is_refused(saved_adapter):
+    other = tiny_causal_lm("llama", seed=1)  # same config, other weights
+    with pytest.raises(ValueError, match=r"is not that model: its embedding weights differ.*allow_base_mismatch"):
+        DiffusionLM.from_pretrained(saved_adapter / "adapter", base_model=other)
+    loaded = DiffusionLM.from_pretrained(
+        saved_adapter / "adapter", base_model=tiny_causal_lm("llama", seed=1), allow_base_mismatch=True
+    )
+    assert loaded.is_peft
+    # the base it was trained on passes, also when given explicitly under another name
+    same = AutoModelForCausalLM.from_pretrained(saved_adapter / "base")
+    same.config.name_or_path = "renamed"
+    DiffusionLM.from_pretrained(saved_adapter / "adapter", base_model=same)
+
+
+def test_a_corrupt_diffusion_config_is_named(saved_adapter):
+    (saved_adapter / "adapter" / "diffusion_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"diffusion_config.json is not a valid diffusion_config.json"):
+        DiffusionLM.from_pretrained(saved_adapter / "adapter")
+
+
+def test_a_full_model_with_a_missing_tensor_is_refused(tmp_path):
+    model = get_diffusion_model(tiny_causal_lm("llama"), DiffusionConfig(mask_token_id=MASK_ID))
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = sorted(name for name in weights if "q_proj" in name)[0]
+    del weights[dropped]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"do not match the model \(missing_keys"):
+        DiffusionLM.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Silent wrong results in the objective
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_masked_normalization_reaches_the_loss_in_the_trainer(tmp_path):
+    """One step, same seed: the per-masked-token loss times the masked fraction is the per-target loss."""
+    losses = {}
+    for normalization in ("targets", "masked"):
+        trainer = make_trainer(tmp_path / normalization, "text", max_steps=1, loss_normalization=normalization)
+        trainer.train()
+        losses[normalization] = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    fraction = losses["masked"]["masked_fraction"]
+    assert 0 < fraction < 1
+    assert losses["masked"]["loss"] * fraction == pytest.approx(losses["targets"]["loss"], rel=1e-3)
+
+
+def test_the_complementary_copy_has_the_primary_time_floor():
+    input_ids = torch.arange(3, 19)[None]  # [1, 16]
+    is_target = torch.ones_like(input_ids, dtype=torch.bool)
+    t = torch.full((1, 16), 1.0)  # the largest time a draw can give: everything masked in the primary copy
+    primary = corrupt(input_ids, is_target, t, mask_token_id=MASK_ID, generator=torch.Generator().manual_seed(0))
+    pair = complementary(primary, input_ids, is_target, MASK_ID, eps=1e-3)
+    assert float(pair.elbo_weight.max()) <= 1 / 1e-3 + 1e-6
+    t = torch.full((1, 16), 0.9995)
+    primary = corrupt(input_ids, is_target, t, mask_token_id=MASK_ID, generator=torch.Generator().manual_seed(0))
+    pair = complementary(primary, input_ids, is_target, MASK_ID, eps=1e-3)
+    assert float(pair.elbo_weight.max()) <= 1 / 1e-3 + 1e-3  # 1 / (1 - t) would be 2000
