@@ -7,6 +7,7 @@ happens at import).
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import DiffusionConfig
+from .data import DistillationStats, self_distilled_dataset
 from .evaluation import LikelihoodEstimate, PerplexityBound, loglikelihood, loglikelihood_batch, nll_per_token
 from .generation import DiffusionGenerateOutput, DiffusionGenerationConfig
 from .model import DiffusionLM, DiffusionLMOutput, get_diffusion_model
@@ -26,11 +27,13 @@ __all__ = [
     "DiffusionLMOutput",
     "DiffusionTrainer",
     "DiffusionTrainingConfig",
+    "DistillationStats",
     "get_diffusion_model",
     "LikelihoodEstimate",
     "PerplexityBound",
     "loglikelihood",
     "loglikelihood_batch",
     "nll_per_token",
+    "self_distilled_dataset",
     "__version__",
 ]
