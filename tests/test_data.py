@@ -16,6 +16,9 @@ from peft_diffusion import DiffusionConfig, DiffusionTrainer, DistillationStats,
 from peft_diffusion.data import FILTERS, cache_key, distinct_n, max_repeat_run
 
 EOS_ID = 2
+# Ids the test model never writes: the special tokens, words the word tokenizer splits on a special token inside them
+# ("w10" -> "w1" "0"), and ids past its vocabulary; the rest decode and encode back to the same ids.
+UNSAFE_IDS = [0, 1, 2, *range(10, 30), *range(100, 128)]
 # A user turn is `w5 ... w2`, an assistant turn `w6 ... w2` (w2 is the EOS token); no `{% generation %}` markers.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}w5 {{ message['content'] }} w2 "
@@ -60,8 +63,8 @@ def ends_turns(model, answers_end: bool = True):
             state["generated"] += 1
         is_instruction = state["prompt"] == 2  # after the pre-query template `w1 w5`
         stop = (state["generated"] >= 4 + input_ids[:, -1] % 4) & (answers_end or is_instruction)  # [B]
+        output.logits[:, -1, UNSAFE_IDS] = -1e4
         output.logits[:, -1, EOS_ID] = torch.where(stop, 1e4, -1e4)  # [B]
-        output.logits[:, -1, 120:] = -1e4  # ids the word tokenizer does not have
 
     return model.register_forward_hook(hook, with_kwargs=True)
 
@@ -353,14 +356,15 @@ def test_answers_that_never_end_say_raise_max_new_tokens(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_rows_train_with_only_the_answers_as_targets(tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_rows_train_with_only_the_answers_as_targets(tmp_path, packing):
     model, tokenizer = tiny_causal_lm("llama"), chat_tokenizer()
     handle = ends_turns(model)
     dataset = distill(model, tokenizer, tmp_path, num_examples=8, min_completion_tokens=1, max_repeats=99)
     handle.remove()  # train the plain model
     trainer = DiffusionTrainer(
         model,
-        args=training_args(tmp_path),
+        args=training_args(tmp_path, packing=packing),
         train_dataset=dataset,
         processing_class=tokenizer,
         diffusion_config=DiffusionConfig(attention="block", block_size=4),
@@ -370,18 +374,26 @@ def test_rows_train_with_only_the_answers_as_targets(tmp_path):
     trainer.train()
     outer = [call for call in calls if call.get("labels") is not None]
     assert len(outer) == 2
-    prompts = {}
+    prompt_lengths = {}  # each row as the chat template renders it -> its prompt's length
     for row in dataset:
         ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
         answer = tokenizer(row["completion"][0]["content"] + " w2", add_special_tokens=False)["input_ids"]
-        prompts[tuple(ids + answer)] = len(ids)
+        prompt_lengths[tuple(ids + answer)] = len(ids)
+    documents = 0
     for call in outer:
-        for input_ids, labels, attention_mask in zip(call["input_ids"], call["labels"], call["attention_mask"]):
-            real = input_ids[attention_mask.bool()].tolist()
-            prompt_length = prompts[tuple(real)]  # the row, rendered by the chat template
-            is_target = (labels != -100)[attention_mask.bool()]
-            assert not is_target[:prompt_length].any()  # no prompt token is a target
-            assert is_target[prompt_length:].all()  # the answer and its end of turn are
+        if packing:  # one row; documents start where position_ids restart at 0
+            starts = (call["position_ids"][0] == 0).nonzero().flatten().tolist() + [call["input_ids"].shape[1]]
+            spans = [(0, slice(start, end)) for start, end in zip(starts, starts[1:])]
+        else:  # one document per row, padding after it
+            spans = [(row, call["attention_mask"][row].bool()) for row in range(call["input_ids"].shape[0])]
+        for row, span in spans:
+            document = call["input_ids"][row][span].tolist()
+            is_target = (call["labels"][row][span] != -100).tolist()
+            prompt_length = prompt_lengths[tuple(document)]  # a whole row of the dataset
+            assert not any(is_target[:prompt_length])  # no prompt token is a target
+            assert all(is_target[prompt_length:])  # the answer and its end of turn are
+            documents += 1
+    assert documents == 8
     assert trainer.state.log_history[0]["loss"] > 0
 
 
