@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import DiffusionConfig
 from .conversion import get_diffusion_model
+from .data import DistillationStats, self_distilled_dataset
 from .evaluation import (
     LikelihoodEstimate,
     PerplexityBound,
@@ -34,6 +35,7 @@ __all__ = [
     "DiffusionLMOutput",
     "DiffusionTrainer",
     "DiffusionTrainingConfig",
+    "DistillationStats",
     "get_diffusion_model",
     "LikelihoodEstimate",
     "PerplexityBound",
@@ -41,5 +43,6 @@ __all__ = [
     "loglikelihood",
     "loglikelihood_batch",
     "nll_per_token",
+    "self_distilled_dataset",
     "__version__",
 ]
