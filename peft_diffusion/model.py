@@ -263,6 +263,9 @@ class DiffusionLM(PreTrainedModel):
                 all); the LM head then runs on those rows (plus the one row the shift reads), as in transformers.
                 Not with the two-stream layout.
 
+        The body follows the numbered outline of the module docstring in one piece (longer than usual): the layout,
+        the fast-path decision and the shift read the same positions and must agree.
+
         Returns:
             `DiffusionLMOutput` with `logits` of shape `(batch_size, sequence_length, vocab_size)` and, with
             `labels`, the `loss` and detached `metrics`.
