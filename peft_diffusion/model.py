@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -347,6 +348,12 @@ class DiffusionLM(PreTrainedModel):
         if keep < length:
             # Under shift, logits of position i are read at i - 1: one more row of the LM head.
             kwargs["logits_to_keep"] = min(length, keep + int(self.config.shift))
+        head_rows = None
+        if two_stream and "logits_to_keep" not in kwargs and self._head_takes_rows():
+            # The LM head only on the rows a prediction reads: the noisy half and the clean tokens before block
+            # starts, not the whole clean copy (about half of the two-stream head's cost).
+            head_rows = torch.unique(self._source_rows(length, True, positions, length))  # [R], sorted
+            kwargs["logits_to_keep"] = head_rows
 
         # 3. the causal LM under the diffusion pattern (unmasked: no mask, non-causal kernels)
         with diffusion_attention(layout), non_causal(self._attention_modules() if unmasked else ()):
@@ -363,7 +370,14 @@ class DiffusionLM(PreTrainedModel):
         raw_logits = outputs.logits  # [B, L or 2L, V]
 
         # 4. the shift
-        logits = self._align(raw_logits, length, two_stream, positions[:, past_length:], keep)  # [B, keep, V]
+        if head_rows is not None and raw_logits.shape[1] == head_rows.numel():
+            # the LM head ran on `head_rows` only: read the predicting rows there
+            slot = torch.zeros(2 * length, dtype=torch.long, device=raw_logits.device)
+            slot[head_rows] = torch.arange(head_rows.numel(), device=raw_logits.device)
+            source = slot[self._source_rows(length, True, positions, length)]  # [B, L]
+            logits = raw_logits.gather(1, source[..., None].expand(-1, -1, raw_logits.shape[-1]))  # [B, L, V]
+        else:
+            logits = self._align(raw_logits, length, two_stream, positions[:, past_length:], keep)  # [B, keep, V]
 
         # 5. the mask token is never predicted
         if self.config.mask_token_id is not None:
@@ -387,6 +401,12 @@ class DiffusionLM(PreTrainedModel):
             layout, past_length, length
         )
 
+    def _head_takes_rows(self) -> bool:
+        """Whether the causal LM's forward takes `logits_to_keep` (nearly all do; e.g. trocr and whisper do not)."""
+        if getattr(self, "_takes_logits_to_keep", None) is None:
+            self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.causal_lm.forward).parameters
+        return self._takes_logits_to_keep
+
     def _attention_modules(self) -> list[torch.nn.Module]:
         """The modules carrying an `is_causal` flag (attention layers), found once."""
         if getattr(self, "_is_causal_modules", None) is None:
@@ -399,23 +419,31 @@ class DiffusionLM(PreTrainedModel):
         """`logits[:, i]` predicts token i, for the last `keep` of `length` positions (all by default). Without
         shift this is the identity (on the noisy half). `raw_logits` holds the last rows of the model's output."""
         keep = length if keep is None else keep
-        if not self.config.shift:
+        if not self.config.shift and not two_stream:
             return raw_logits[:, :length].clone() if keep == length else raw_logits[:, -keep:]
         offset = length - raw_logits.shape[1] if not two_stream else 0  # rows the LM head skipped
+        source = self._source_rows(length, two_stream, positions, keep) - offset  # [B, keep]
+        gather_index = source.clamp(min=0)[..., None].expand(-1, -1, raw_logits.shape[-1])  # [B, keep, V]
+        return raw_logits.gather(1, gather_index)  # [B, keep, V]
+
+    def _source_rows(self, length: int, two_stream: bool, positions: torch.Tensor, keep: int) -> torch.Tensor:
+        """For each of the last `keep` positions, the row of the model's full output that predicts it: `[B, keep]`
+        (in `[0, 2L)` for the two-stream layout)."""
         positions = positions[:, length - keep :]  # [B, keep]
-        index = torch.arange(length - keep, length, device=raw_logits.device).expand(raw_logits.shape[0], -1)
+        index = torch.arange(length - keep, length, device=positions.device).expand(positions.shape[0], -1)
+        if not self.config.shift:
+            return index  # [B, keep]
         # The first token of a document has no left neighbour: it reads itself (it is never a target under shift),
         # so padding or a previous packed document never leaks into it. With a KV cache, the first input token's left
         # neighbour is cached and has no logits here: it reads itself too, so its row is no prediction (the decoding
         # loop keeps those logits from the forward that committed the neighbour: `decoding.py`).
-        source = (torch.where(positions == 0, index, index - 1) - offset).clamp(min=0)  # [B, keep]
+        source = torch.where(positions == 0, index, index - 1)  # [B, keep]
         if two_stream:
             # The first token of a noisy block is predicted from the clean copy of the previous token: under the
             # clean-context pattern the noisy previous token lives in another block and cannot be the context.
             starts_block = (positions % self.config.block_size == 0) & (positions > 0)  # [B, L]
             source = torch.where(starts_block, source + length, source)  # [B, L]
-        gather_index = source[..., None].expand(-1, -1, raw_logits.shape[-1])  # [B, L, V]
-        return raw_logits.gather(1, gather_index)  # [B, L, V]
+        return source
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation (the public side lives in generation.py, the loop in decoding.py)

@@ -192,3 +192,28 @@ def test_thirty_steps_lower_the_loss(name, lora):
         optimizer.step()
     after = evaluate()
     assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_two_stream_head_on_needed_rows_equals_the_full_head(arch):
+    """The LM head runs only on the rows a prediction reads (noisy half + clean rows before block starts); the
+    logits equal those of the full head over all 2L rows (the reference: the head on every row)."""
+    model = get_diffusion_model(
+        tiny_causal_lm(arch), DiffusionConfig(attention="block", block_size=4, mask_token_id=MASK_ID)
+    ).eval()
+    input_ids, labels, attention_mask = batch(length=12)
+    noisy = input_ids.clone()
+    noisy[:, 1::3] = MASK_ID
+    kwargs = dict(input_ids=noisy, clean_input_ids=input_ids, attention_mask=attention_mask)
+    calls = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    with torch.no_grad():
+        fast = model(**kwargs).logits
+        model._takes_logits_to_keep = False  # the full head over [x_t ; x_0]
+        full = model(**kwargs).logits
+    handle.remove()
+    assert calls[1] == 24
+    # noisy rows 0..10 except 3 and 7 (positions 4 and 8 start blocks and read the clean rows 12 + 3, 12 + 7)
+    assert calls[0] == 9 + 2
+    torch.testing.assert_close(fast, full)
