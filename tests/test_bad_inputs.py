@@ -14,9 +14,10 @@ from conftest import MASK_ID, VOCAB_SIZE, tiny_causal_lm
 from safetensors.torch import load_file, save_file
 from test_model import lora, word_tokenizer
 from test_trainer import make_trainer
-from transformers import AutoModelForCausalLM, BertConfig, BertModel
+from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
 
 from peft_diffusion import DiffusionConfig, DiffusionLM, get_diffusion_model
+from peft_diffusion.architectures import context_window
 from peft_diffusion.corruption import complementary, corrupt
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,3 +190,78 @@ def test_the_complementary_copy_has_the_primary_time_floor():
     primary = corrupt(input_ids, is_target, t, mask_token_id=MASK_ID, generator=torch.Generator().manual_seed(0))
     pair = complementary(primary, input_ids, is_target, MASK_ID, eps=1e-3)
     assert float(pair.elbo_weight.max()) <= 1 / 1e-3 + 1e-3  # 1 / (1 - t) would be 2000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation: prompts it cannot start from
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def block_model(model_type="llama", attn_implementation="sdpa", **config):
+    config = dict(attention="block", block_size=4, mask_token_id=MASK_ID) | config
+    base = tiny_causal_lm(model_type, attn_implementation)
+    return get_diffusion_model(base, DiffusionConfig(**config)).eval()
+
+
+GENERATION_CASES = {
+    "id-past-vocabulary": (
+        lambda model: model.generate(torch.tensor([[1, 5, VOCAB_SIZE]]), max_new_tokens=4),
+        rf"`input_ids` holds token id {VOCAB_SIZE}, outside the model's vocabulary of {VOCAB_SIZE} embedding rows",
+    ),
+    "negative-id": (
+        lambda model: model.generate(torch.tensor([[1, -5, 6]]), max_new_tokens=4),
+        r"`input_ids` holds token id -5, outside the model's vocabulary",
+    ),
+    "id-past-vocabulary-in-infill": (
+        lambda model: model.infill(torch.tensor([[1, 500, MASK_ID, MASK_ID, 9]])),
+        r"`input_ids` holds token id 500, outside the model's vocabulary",
+    ),
+    "empty-prompt": (
+        lambda model: model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4),
+        r"`input_ids` has an empty prompt in rows \[0\].*pass the BOS token as the prompt",
+    ),
+    "all-padding-row": (
+        lambda model: model.generate(
+            torch.tensor([[0, 0, 0], [1, 5, 6]]), attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]]), max_new_tokens=4
+        ),
+        r"`input_ids` has an empty prompt in rows \[0\]",
+    ),
+    "past-the-text-config-window": (  # gemma3 keeps its context window in its text_config
+        lambda model: model.generate(torch.ones(1, 120, dtype=torch.long), max_new_tokens=16),
+        r"the prompt \(120 tokens\) \+ max_new_tokens \(16\) = 136 tokens exceeds the model's context window of 128",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATION_CASES))
+def test_generation_refuses(case):
+    call, match = GENERATION_CASES[case]
+    model_type = "gemma3" if case == "past-the-text-config-window" else "llama"
+    with pytest.raises(ValueError, match=match):
+        call(block_model(model_type))
+
+
+def test_a_bos_prompt_is_the_unconditional_start():
+    """The defined form of an empty prompt: the BOS token alone (shift predicts token i from position i - 1)."""
+    model = block_model()
+    out = model.generate(torch.tensor([[1]]), max_new_tokens=4)
+    assert out.shape == (1, 5) and out[0, 0] == 1 and not bool((out == MASK_ID).any())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The context window: one lookup (architectures.context_window) for generation, evaluation and lm-eval
+# ---------------------------------------------------------------------------------------------------------------
+
+CONTEXT_WINDOW_CASES = {
+    "llama": (dict(max_position_embeddings=96), 96),
+    "gpt2": (dict(n_positions=80), 80),  # transformers' attribute map: max_position_embeddings -> n_positions
+    "gemma3": (dict(text_config=dict(max_position_embeddings=64)), 64),  # multimodal: in the text config
+    "whisper": (dict(max_target_positions=48), 48),  # the decoder's limit
+    "bloom": ({}, None),  # ALiBi: no limit in the config, unknown
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(CONTEXT_WINDOW_CASES))
+def test_context_window_reads_the_text_decoder_config(model_type):
+    overrides, expected = CONTEXT_WINDOW_CASES[model_type]
+    assert context_window(AutoConfig.for_model(model_type, **overrides)) == expected
