@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
 from peft_diffusion import DiffusionConfig, DiffusionLM, get_diffusion_model
 from peft_diffusion.architectures import context_window
 from peft_diffusion.corruption import complementary, corrupt
+from peft_diffusion.evaluation import loglikelihood, loglikelihood_batch, nll_per_token
 
 # ---------------------------------------------------------------------------------------------------------------
 # DiffusionConfig: typos, wrong types, nonsense values
@@ -265,3 +266,72 @@ CONTEXT_WINDOW_CASES = {
 def test_context_window_reads_the_text_decoder_config(model_type):
     overrides, expected = CONTEXT_WINDOW_CASES[model_type]
     assert context_window(AutoConfig.for_model(model_type, **overrides)) == expected
+
+
+def test_an_unknown_context_window_checks_nothing_and_asks_for_windows():
+    model = block_model("bloom", "eager", attention="bidirectional")  # bloom has no sdpa path
+    assert context_window(model.causal_lm.config) is None
+    assert model.generate(torch.tensor([[1, 5]]), max_new_tokens=4).shape == (1, 6)
+    assert math.isfinite(loglikelihood(model, [1, 5], [8], mc_samples=1).logprob)  # nothing to truncate against
+    with pytest.raises(ValueError, match=r"context window is unknown .*pass `max_length`"):
+        nll_per_token(model, [[5, 6, 7]], prefix_token_id=1)
+    assert nll_per_token(model, [[5, 6, 7]], prefix_token_id=1, max_length=4, mc_samples=1).num_tokens == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: what the ELBO cannot score, named by the argument that holds it
+# ---------------------------------------------------------------------------------------------------------------
+
+EVALUATION_CASES = {
+    "mask-in-continuation": (
+        lambda model: loglikelihood(model, [5, 6], [8, MASK_ID]),
+        rf"`continuation_ids` holds the mask token \(id {MASK_ID}\) at index 1",
+    ),
+    "mask-in-context": (
+        lambda model: loglikelihood(model, [5, MASK_ID], [8]),
+        rf"`context_ids` holds the mask token \(id {MASK_ID}\) at index 1",
+    ),
+    "mask-in-request": (
+        lambda model: loglikelihood_batch(model, [([5], [8]), ([5], [MASK_ID, 9])]),
+        r"`requests\[1\]` continuation holds the mask token",
+    ),
+    "mask-in-text": (
+        lambda model: nll_per_token(model, [[5, 6], [7, 8, MASK_ID]], prefix_token_id=1),
+        r"`texts\[1\]` holds the mask token .* at index 2",
+    ),
+    "mask-as-prefix": (
+        lambda model: nll_per_token(model, [[5, 6]], prefix_token_id=MASK_ID),
+        r"`prefix_token_id` holds the mask token",
+    ),
+    "fractional-mc-samples": (
+        lambda model: loglikelihood(model, [5], [8], mc_samples=2.5),
+        r"`mc_samples` must be a positive integer, got mc_samples=2.5",
+    ),
+    "zero-mc-samples": (
+        lambda model: loglikelihood(model, [5], [8], mc_samples=0),
+        r"`mc_samples` must be a positive integer, got mc_samples=0",
+    ),
+    "zero-mc-samples-in-rolling-windows": (
+        lambda model: nll_per_token(model, [[5, 6]], prefix_token_id=1, mc_samples=0),
+        r"`mc_samples` must be a positive integer, got mc_samples=0",
+    ),
+    "id-past-vocabulary-in-continuation": (
+        lambda model: loglikelihood(model, [5], [8, VOCAB_SIZE]),
+        rf"`continuation_ids` holds token id {VOCAB_SIZE}, outside the model's vocabulary of {VOCAB_SIZE}",
+    ),
+    "id-past-vocabulary-in-request": (
+        lambda model: loglikelihood_batch(model, [([5, 200], [8])]),
+        r"`requests\[0\]` context holds token id 200, outside the model's vocabulary",
+    ),
+    "negative-id-in-text": (
+        lambda model: nll_per_token(model, [[5, -1]], prefix_token_id=1),
+        r"`texts\[0\]` holds token id -1, outside the model's vocabulary",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVALUATION_CASES))
+def test_evaluation_refuses(case):
+    call, match = EVALUATION_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        call(block_model())

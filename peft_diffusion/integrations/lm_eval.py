@@ -37,7 +37,8 @@ except ImportError as error:
         '`DiffusionLMEval` needs lm-evaluation-harness: `pip install "peft-diffusion[eval]"`.'
     ) from error
 
-from ..evaluation import _max_length, loglikelihood_batch
+from ..architectures import context_window
+from ..evaluation import _check_mc_samples, loglikelihood_batch
 from ..model import DiffusionLM
 
 __all__ = ["LM_EVAL_MODEL_NAME", "DiffusionLMEval", "main"]
@@ -100,8 +101,7 @@ class DiffusionLMEval(LM):
             kwargs.pop("max_batch_size", None)
         if kwargs:
             raise ValueError(f"Unknown model_args for peft_diffusion: {sorted(kwargs)}.")
-        if mc_samples < 1:
-            raise ValueError(f"`mc_samples` must be >= 1, got mc_samples={mc_samples}.")
+        _check_mc_samples(mc_samples)
         if isinstance(batch_size, str):
             batch_size = 32 if batch_size.startswith("auto") else int(batch_size)
         if model is None:
@@ -116,7 +116,8 @@ class DiffusionLMEval(LM):
         self.batch_size = batch_size
         self.steps, self.block_length, self.max_new_tokens = steps, block_length, max_new_tokens
         self.seed = seed
-        self.max_length = _max_length(model)
+        # lm-eval's `hf` model uses 2048 when a config names no context window; the same here
+        self.max_length = context_window(model.causal_lm.config) or 2048
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.prefix_token_id = prefix
 
