@@ -335,3 +335,44 @@ def test_evaluation_refuses(case):
     call, match = EVALUATION_CASES[case]
     with pytest.raises(ValueError, match=match):
         call(block_model())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lm-eval: the model built the way lm-eval's CLI builds it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lm_eval_model_folder(tmp_path):
+    pytest.importorskip("lm_eval")
+    model = block_model()
+    model.save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+# what lm-eval's CLI passes beside --model_args when no --batch_size / --device is given (EvaluatorConfig defaults)
+LM_EVAL_CLI_DEFAULTS = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
+
+
+def test_lm_eval_builds_from_model_args_and_the_cli_settings(lm_eval_model_folder, monkeypatch):
+    """`--model_args ...,batch_size=32` beside lm-eval's own batch_size; lm-eval's default `cuda:0` on a machine
+    without CUDA; the device default; the context window."""
+    from lm_eval.api.registry import get_model
+
+    import peft_diffusion.integrations.lm_eval  # noqa: F401 (registers the model)
+
+    model_class = get_model("peft_diffusion")
+    lm = model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder}")
+    assert lm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert lm.max_length == 128  # the model's context window (tiny models: max_position_embeddings=128)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="CUDA is not available on this machine: running on the CPU"):
+        lm = model_class.create_from_arg_string(
+            f"pretrained={lm_eval_model_folder},batch_size=32,mc_samples=2", dict(LM_EVAL_CLI_DEFAULTS)
+        )
+    assert lm.batch_size == 32 and lm.mc_samples == 2 and lm.device.type == "cpu"
+    lm = model_class.create_from_arg_obj({"pretrained": str(lm_eval_model_folder), "device": "cpu"}, {"batch_size": 4})
+    assert lm.batch_size == 4 and lm.device.type == "cpu"
+    with pytest.raises(ValueError, match=r"`mc_samples` must be a positive integer, got mc_samples=2.5"):
+        model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder},mc_samples=2.5")
