@@ -376,3 +376,32 @@ def test_lm_eval_builds_from_model_args_and_the_cli_settings(lm_eval_model_folde
     assert lm.batch_size == 4 and lm.device.type == "cpu"
     with pytest.raises(ValueError, match=r"`mc_samples` must be a positive integer, got mc_samples=2.5"):
         model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder},mc_samples=2.5")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An explicit per-block t follows positions, as the attention's blocks do
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_per_block_t_follows_positions_under_left_padding():
+    """A left-padded row gets the same corruption (times, weights, loss) as the same row unpadded."""
+    model = block_model(clean_context=True)
+    ids = torch.tensor([[1, 5, 9, 14, 22, 31, 40, 57]])  # [1, 8]: blocks {0..3}, {4..7}
+    is_masked = torch.tensor([[False, True, False, True, True, False, True, True]])
+    pad = 3
+    padded_ids = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)  # [1, 11]: three blocks of columns
+    attention_mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    padded_masked = torch.cat([torch.zeros(1, pad, dtype=torch.bool), is_masked], dim=1)
+    with torch.no_grad():
+        plain = model(input_ids=ids, labels=ids, t=torch.tensor([[0.2, 0.9]]), is_masked=is_masked)
+        padded = model(
+            input_ids=padded_ids,
+            attention_mask=attention_mask,
+            labels=padded_ids,
+            t=torch.tensor([[0.2, 0.9, 0.5]]),  # ceil(11 / 4) blocks of t; the real tokens reach blocks 0 and 1
+            is_masked=padded_masked,
+        )
+    expected_mean_t = (0.2 * 3 + 0.9 * 4) / 7  # targets: positions 1..7 under shift
+    assert float(plain.metrics["mean_t"]) == pytest.approx(expected_mean_t)
+    assert float(padded.metrics["mean_t"]) == pytest.approx(expected_mean_t)
+    assert float(padded.loss) == pytest.approx(float(plain.loss), rel=1e-5)
