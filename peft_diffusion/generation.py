@@ -394,7 +394,7 @@ def _check_prompt_lengths(prompt_lengths: torch.Tensor) -> None:
 
 def _check_token_ids(model, ids: torch.Tensor, name: str) -> None:
     """Every id must index a row of the input embeddings: `0 <= id < num_embeddings`."""
-    vocab_size = model.causal_lm.get_input_embeddings().num_embeddings
+    vocab_size = model.causal_lm.get_input_embeddings().weight.shape[0]  # also through PEFT's token wrapper
     if ids.numel() == 0:
         return
     low, high = int(ids.min()), int(ids.max())

@@ -242,6 +242,23 @@ def test_generation_refuses(case):
         call(block_model(model_type))
 
 
+def test_the_vocabulary_counts_an_added_mask_row():
+    """With a mask token added through the tokenizer (a new row under PEFT's trainable-token wrapper), the
+    vocabulary is the embedding's rows, one more than the base config's."""
+    model = get_diffusion_model(
+        tiny_causal_lm("llama"),
+        DiffusionConfig(attention="block", block_size=4),
+        tokenizer=word_tokenizer(vocab_size=VOCAB_SIZE),
+        peft_config=lora(),
+    ).eval()
+    assert model.config.mask_token_id == VOCAB_SIZE
+    assert model.generate(torch.tensor([[1, 5]]), max_new_tokens=4).shape == (1, 6)
+    with pytest.raises(
+        ValueError, match=rf"token id {VOCAB_SIZE + 1}, outside the model's vocabulary of {VOCAB_SIZE + 1}"
+    ):
+        model.generate(torch.tensor([[1, VOCAB_SIZE + 1]]), max_new_tokens=4)
+
+
 def test_a_bos_prompt_is_the_unconditional_start():
     """The defined form of an empty prompt: the BOS token alone (shift predicts token i from position i - 1)."""
     model = block_model()
