@@ -338,3 +338,45 @@ def check_architecture(config) -> None:
 def is_verified(config) -> bool:
     """Whether the architecture is in the verified table (else it is probed once with `probe_architecture`)."""
     return getattr(config, "model_type", None) in VERIFIED_ARCHITECTURES
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Context window
+# ----------------------------------------------------------------------------------------------------------------
+
+# Config keys that hold the context window (the most positions the model was built for), read in this order:
+# transformers' name (its attribute maps alias others to it, e.g. gpt2's `n_positions`), the older names some configs
+# keep, and a decoder's limit in the encoder-decoder families' naming (whisper's `max_target_positions`).
+CONTEXT_WINDOW_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_target_positions")
+
+
+def context_window(config) -> int | None:
+    """The context window of a causal LM: the most token positions it was built for, or `None` when unknown.
+
+    Read from the config's text decoder (`config.get_text_config(decoder=True)`: a multimodal model such as gemma3
+    keeps it in its `text_config`), under the first key of `CONTEXT_WINDOW_KEYS` that is set to a positive integer.
+
+    `None` means the config names no limit (e.g. bloom: ALiBi positions have no table to run out of). Callers then
+    check nothing: `generate` accepts any length, `loglikelihood_batch` does not truncate the context, and
+    `nll_per_token` needs an explicit `max_length` for its windows.
+
+    Args:
+        config (`PreTrainedConfig`): the base causal LM's config (`model.causal_lm.config` of a `DiffusionLM`).
+
+    Returns:
+        `int` or `None`.
+
+    Example:
+    ```python
+    >>> from transformers import GPT2Config, LlamaConfig
+    >>> from peft_diffusion.architectures import context_window
+    >>> context_window(LlamaConfig(max_position_embeddings=4096)), context_window(GPT2Config(n_positions=1024))
+    (4096, 1024)
+    ```
+    """
+    text_config = config.get_text_config(decoder=True)
+    for key in CONTEXT_WINDOW_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

@@ -57,6 +57,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .architectures import context_window
+from .generation import _check_token_ids
+
 __all__ = [
     "LikelihoodEstimate",
     "PerplexityBound",
@@ -114,18 +117,32 @@ class _Row:
     is_masked: torch.Tensor  # [L]
 
 
-def _max_length(model) -> int:
-    base = model.config.base_config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(base, name, None)
-        if value:
-            return int(value)
-    return 2048
+def _check_positive_int(name: str, value, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {name}={value!r}; {hint}")
 
 
-def _validate(context_ids, continuation_ids, mc_samples: int, shift: bool) -> None:
-    if mc_samples < 1:
-        raise ValueError(f"`mc_samples` must be >= 1, got mc_samples={mc_samples}; use e.g. 32 (LLaDA uses 128).")
+def _check_mc_samples(mc_samples) -> None:
+    _check_positive_int("mc_samples", mc_samples, "use e.g. 32 (LLaDA uses 128).")
+
+
+def _check_scorable(model, ids: torch.Tensor, name: str) -> None:
+    """Token ids the ELBO can score or condition on: inside the vocabulary, and never the mask token (the model
+    reads it as "unknown here" and never predicts it: as a target it scores about -3e38)."""
+    _check_token_ids(model, ids, name)
+    mask_token_id = model.config.mask_token_id
+    where = (ids == mask_token_id).nonzero().flatten().tolist()
+    if where:
+        spelled = (
+            f" (the string {model.config.mask_token!r} in a text encodes to it)" if model.config.mask_token else ""
+        )
+        raise ValueError(
+            f"{name} holds the mask token (id {mask_token_id}) at index {where[0]}: a masked diffusion LM reads it as "
+            f"a gap and never predicts it, so it can be neither scored nor conditioned on; remove it{spelled}."
+        )
+
+
+def _validate(context_ids, continuation_ids, shift: bool) -> None:
     if len(continuation_ids) == 0:
         raise ValueError(
             "`continuation_ids` is empty: there is nothing to score; pass at least one continuation token."
@@ -272,7 +289,7 @@ def loglikelihood_batch(
 
     Outline:
     1. validate and truncate: the context is cut from the left so that context + continuation fit the model's
-       context window (`max_position_embeddings`);
+       context window (`architectures.context_window`; not cut when the window is unknown);
     2. rows: per pair, `mc_samples` masked copies with stratified mask counts (module docstring, Eq. 2), plus the
        all-masked greedy row(s);
     3. score the rows in batches of `batch_size` (right padding), on the two-stream layout under block attention
@@ -282,9 +299,10 @@ def loglikelihood_batch(
     Args:
         model (`DiffusionLM`): the diffusion LM (put in eval mode by the caller).
         requests (`Sequence[tuple[Sequence[int], Sequence[int]]]`): `(context_ids, continuation_ids)` pairs of token
-            ids; under `shift` the context needs at least one token (a BOS/EOS prefix when the context is empty).
-        mc_samples (`int`, defaults to 32): Monte-Carlo samples per pair, >= 1.
-        batch_size (`int`, defaults to 32): rows per forward pass.
+            ids inside the vocabulary, without the mask token; under `shift` the context needs at least one token (a
+            BOS/EOS prefix when the context is empty).
+        mc_samples (`int`, defaults to 32): Monte-Carlo samples per pair, a positive integer.
+        batch_size (`int`, defaults to 32): rows per forward pass, a positive integer.
         generator (`torch.Generator`, *optional*): a CPU generator, for reproducible estimates.
 
     Returns:
@@ -305,25 +323,28 @@ def loglikelihood_batch(
     [2, 1]
     ```
     """
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got batch_size={batch_size}.")
+    _check_mc_samples(mc_samples)
+    _check_positive_int("batch_size", batch_size, "use e.g. 32 (rows per forward pass).")
     config = model.config
     block_size = config.attention_block_size
     two_stream = config.uses_clean_context
-    max_length = _max_length(model)
+    max_length = context_window(model.causal_lm.config)  # None: unknown, the context is not truncated
     rows: list[_Row] = []
     num_tokens = []
     # 1.-2. validation, truncation, rows
     for pair, (context_ids, continuation_ids) in enumerate(requests):
         context, continuation = _as_ids(context_ids), _as_ids(continuation_ids)
-        _validate(context, continuation, mc_samples, config.shift)
-        keep = max_length - continuation.shape[0]
-        if keep < (1 if config.shift else 0):
-            raise ValueError(
-                f"The continuation has {continuation.shape[0]} tokens but the model's context window is {max_length}; "
-                "score it in windows with `nll_per_token`."
-            )
-        context = context[max(0, context.shape[0] - keep) :] if keep > 0 else context[:0]
+        _check_scorable(model, context, f"`requests[{pair}]` context")
+        _check_scorable(model, continuation, f"`requests[{pair}]` continuation")
+        _validate(context, continuation, config.shift)
+        if max_length is not None:
+            keep = max_length - continuation.shape[0]
+            if keep < (1 if config.shift else 0):
+                raise ValueError(
+                    f"The continuation has {continuation.shape[0]} tokens but the model's context window is "
+                    f"{max_length}; score it in windows with `nll_per_token`."
+                )
+            context = context[max(0, context.shape[0] - keep) :] if keep > 0 else context[:0]
         ids = torch.cat([context, continuation])  # [L]
         rows += _pair_rows(
             pair,
@@ -372,8 +393,8 @@ def loglikelihood(
         model (`DiffusionLM`): the diffusion LM (in eval mode).
         context_ids (`Sequence[int]` or `torch.LongTensor` of shape `(context_length,)`): the context tokens.
         continuation_ids (`Sequence[int]` or `torch.LongTensor` of shape `(continuation_length,)`): the tokens to
-            score, at least one.
-        mc_samples (`int`, defaults to 32): Monte-Carlo samples, >= 1.
+            score, at least one. Neither may hold the mask token or an id outside the vocabulary.
+        mc_samples (`int`, defaults to 32): Monte-Carlo samples, a positive integer.
         batch_size (`int`, defaults to 32): samples per forward pass.
         generator (`torch.Generator`, *optional*): a CPU generator, for reproducible estimates.
 
@@ -394,6 +415,8 @@ def loglikelihood(
     (3, True)
     ```
     """
+    _check_scorable(model, _as_ids(context_ids), "`context_ids`")
+    _check_scorable(model, _as_ids(continuation_ids), "`continuation_ids`")
     return loglikelihood_batch(
         model, [(context_ids, continuation_ids)], mc_samples=mc_samples, batch_size=batch_size, generator=generator
     )[0]
@@ -419,12 +442,13 @@ def nll_per_token(
 
     Args:
         model (`DiffusionLM`): the diffusion LM (in eval mode).
-        texts (`Sequence[str]` or `Sequence[Sequence[int]]`): documents, as strings (needs `tokenizer`) or token ids.
+        texts (`Sequence[str]` or `Sequence[Sequence[int]]`): documents, as strings (needs `tokenizer`) or token ids;
+            without the mask token.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): tokenizes string documents (without special tokens).
         prefix_token_id (`int`, *optional*): the token before each document; defaults to the tokenizer's (else the
             base config's) BOS token, then EOS.
         max_length (`int`, *optional*): window length including the conditioning token; defaults to the model's
-            context window.
+            context window (`architectures.context_window`), and is required when that is unknown.
         mc_samples (`int`, defaults to 32): Monte-Carlo samples per window.
         batch_size (`int`, defaults to 32): rows per forward pass.
         generator (`torch.Generator`, *optional*): a CPU generator, for reproducible estimates.
@@ -432,7 +456,13 @@ def nll_per_token(
     Returns:
         `PerplexityBound` (`nll`, `perplexity`, `stderr`, `num_tokens`).
     """
-    max_length = max_length or _max_length(model)
+    _check_mc_samples(mc_samples)
+    max_length = max_length or context_window(model.causal_lm.config)
+    if max_length is None:
+        raise ValueError(
+            "The model's context window is unknown (its config sets none of "
+            "`architectures.CONTEXT_WINDOW_KEYS`); pass `max_length`, the window length to score in."
+        )
     if max_length < 2:
         raise ValueError(f"`max_length` must be >= 2 (one conditioning token and one scored token), got {max_length}.")
     if prefix_token_id is None:
@@ -445,14 +475,16 @@ def nll_per_token(
                     prefix_token_id = int(value)
     if prefix_token_id is None:
         raise ValueError("No BOS/EOS token to start documents with; pass `prefix_token_id`.")
+    _check_scorable(model, _as_ids([prefix_token_id]), "`prefix_token_id`")
     requests = []
-    for text in texts:
+    for index, text in enumerate(texts):
         if isinstance(text, str):
             if tokenizer is None:
                 raise ValueError("`texts` holds strings: pass the `tokenizer`, or pass token ids.")
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = list(text)
+        _check_scorable(model, _as_ids(ids), f"`texts[{index}]`")
         window = max_length - 1
         for start in range(0, len(ids), window):
             previous = ids[start - 1] if start > 0 else prefix_token_id

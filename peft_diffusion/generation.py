@@ -16,6 +16,7 @@ from transformers import GenerationConfig
 from transformers.utils import ModelOutput
 
 from . import samplers
+from .architectures import context_window
 from .decoding import DecodingPlan, _denoise, _Outputs
 from .samplers import SAMPLERS, Sampler, get_sampler
 
@@ -153,7 +154,8 @@ def generate(
 
     Args:
         model (`DiffusionLM`): the diffusion LM (call `model.eval()` first).
-        input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`): prompts, left-padded (HF convention).
+        input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`): prompts, left-padded (HF convention),
+            each at least one token long (the BOS token alone for unconditional generation).
         attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*): 1 for real tokens,
             0 for the left padding.
         generation_config (`GenerationConfig`, *optional*): overrides the model's `generation_config`.
@@ -191,6 +193,7 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     _check_left_padding(attention_mask)
+    _check_token_ids(model, input_ids[attention_mask.bool()], "`input_ids`")
     max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
         raise ValueError("`max_new_tokens` is required, got None; pass e.g. max_new_tokens=128.")
@@ -202,6 +205,7 @@ def generate(
             f"block_length={block_length} and block_size={grid}; use block_length={grid} (the training grid)."
         )
     prompt_lengths = attention_mask.long().sum(-1)  # [B]
+    _check_prompt_lengths(prompt_lengths)
     longest = int(prompt_lengths.max())
     _check_positions(
         model, longest + max_new_tokens, f"the prompt ({longest} tokens) + max_new_tokens ({max_new_tokens})"
@@ -302,6 +306,7 @@ def infill(
     batch_size, width = input_ids.shape
     device = input_ids.device
     is_real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    _check_token_ids(model, input_ids[is_real], "`input_ids`")
     _check_positions(model, int(is_real.sum(-1).max()), "the input length")
     mask_token_id = model.config.mask_token_id
     is_generated = (input_ids == mask_token_id) & is_real  # [B, T]
@@ -375,12 +380,40 @@ def _check_left_padding(attention_mask: torch.Tensor) -> None:
         )
 
 
+def _check_prompt_lengths(prompt_lengths: torch.Tensor) -> None:
+    """Every row needs a prompt token: under shift token `i` is predicted from position `i - 1`, so an answer at
+    position 0 would have nothing to be predicted from, and training never scores position 0."""
+    empty = (prompt_lengths == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"`input_ids` has an empty prompt in rows {empty} (no token with attention_mask 1); every row needs at "
+            "least one prompt token. For unconditional generation pass the BOS token as the prompt, e.g. "
+            "`torch.tensor([[tokenizer.bos_token_id]])`."
+        )
+
+
+def _check_token_ids(model, ids: torch.Tensor, name: str) -> None:
+    """Every id must index a row of the input embeddings: `0 <= id < num_embeddings`."""
+    vocab_size = model.causal_lm.get_input_embeddings().weight.shape[0]  # also through PEFT's token wrapper
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{name} holds token id {bad}, outside the model's vocabulary of {vocab_size} embedding rows (ids "
+            f"0..{vocab_size - 1}); encode the text with the tokenizer saved with the model."
+        )
+
+
 def _check_positions(model, length: int, what: str) -> None:
-    limit = getattr(model.causal_lm.config, "max_position_embeddings", None)
+    """`length` positions must fit the base model's context window (`architectures.context_window`; unknown: no
+    check)."""
+    limit = context_window(model.causal_lm.config)
     if limit is not None and length > limit:
         raise ValueError(
-            f"{what} = {length} tokens exceeds the model's max_position_embeddings={limit}; shorten the prompt or "
-            f"lower max_new_tokens to at most {limit} in total."
+            f"{what} = {length} tokens exceeds the model's context window of {limit} positions; shorten the prompt "
+            f"or lower max_new_tokens to at most {limit} in total."
         )
 
 

@@ -242,17 +242,25 @@ def sample_time(
     return t.view(batch_size, num_blocks)  # [B, nb]
 
 
-def expand_time(t: torch.Tensor, seq_len: int, block_size: int | None = None) -> torch.Tensor:
+def expand_time(
+    t: torch.Tensor, seq_len: int, block_size: int | None = None, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token time from a per-sequence, per-block or per-token time.
 
-    Block `b` covers columns `b * block_size .. (b + 1) * block_size - 1`; the last block may be shorter. A `t` with
-    one column per token (`[B, L]`, e.g. from `group_time`) is already per token and is returned as it is.
+    Block `b` covers the tokens with `position // block_size == b`: with `positions` (left padding counted from each
+    row's first real token, packed documents from each document's start: the attention's blocks; packed documents
+    then share the time of their blocks of the same index), else the columns
+    `b * block_size .. (b + 1) * block_size - 1`; the last block may be shorter. A `t` with one column per block
+    (`ceil(seq_len / block_size)`, when `block_size` is given) is per block; otherwise a `t` with one column per token
+    (`[B, L]`, e.g. from `group_time`) is already per token and is returned as it is.
 
     Args:
         t (`torch.Tensor` of shape `[B]`, `[B, 1]`, `[B, nb]` or `[B, L]`): time per sequence, per block or per token.
         seq_len (`int`): sequence length `L`.
         block_size (`int`, *optional*): tokens per block; required when `1 < nb < L`, and then
             `nb == ceil(seq_len / block_size)`.
+        positions (`torch.LongTensor` of shape `[B, L]`, *optional*): position of each token (`0` at each row's
+            first real token, or at each packed document's start); the blocks follow them. Defaults to the columns.
 
     Returns:
         `torch.Tensor` of shape `[B, L]`.
@@ -263,6 +271,8 @@ def expand_time(t: torch.Tensor, seq_len: int, block_size: int | None = None) ->
     >>> from peft_diffusion.noise import expand_time
     >>> expand_time(torch.tensor([[0.2, 0.9]]), seq_len=5, block_size=3)
     tensor([[0.2000, 0.2000, 0.2000, 0.9000, 0.9000]])
+    >>> expand_time(torch.tensor([[0.2, 0.9]]), seq_len=5, block_size=3, positions=torch.tensor([[0, 0, 0, 1, 2]]))
+    tensor([[0.2000, 0.2000, 0.2000, 0.2000, 0.2000]])
     ```
     """
     if t.dim() == 1:
@@ -274,6 +284,22 @@ def expand_time(t: torch.Tensor, seq_len: int, block_size: int | None = None) ->
     num_blocks = t.shape[1]
     if num_blocks == 1:
         return t.expand(-1, seq_len).contiguous()  # [B, L]
+    expected = None if block_size is None else -(-seq_len // block_size)
+    if num_blocks == expected:
+        # one time per block: token i reads the time of its block, position // block_size
+        if positions is None:
+            positions = torch.arange(seq_len, device=t.device).expand(t.shape[0], -1)  # [B, L]
+        elif positions.shape != (t.shape[0], seq_len):
+            raise ValueError(
+                f"`positions` must have shape [B, L] = {(t.shape[0], seq_len)}, got {tuple(positions.shape)}."
+            )
+        block = positions.to(t.device) // block_size  # [B, L]
+        if bool((block >= num_blocks).any()):
+            raise ValueError(
+                f"`positions` reach block {int(block.max())}, but `t` has {num_blocks} times per sequence (shape "
+                f"{tuple(t.shape)}); give one time per block the positions reach, or one time per token."
+            )
+        return t.gather(1, block)  # [B, L]
     if num_blocks == seq_len:
         return t  # already one time per token
     if block_size is None:
@@ -281,13 +307,10 @@ def expand_time(t: torch.Tensor, seq_len: int, block_size: int | None = None) ->
             f"`t` has {num_blocks} times per sequence (shape {tuple(t.shape)}) but `block_size` is None; pass the "
             "block size, or one time per sequence with shape [B, 1]."
         )
-    expected = -(-seq_len // block_size)
-    if num_blocks != expected:
-        raise ValueError(
-            f"`t` must have ceil(seq_len / block_size) = {expected} times per sequence for seq_len={seq_len} and "
-            f"block_size={block_size}, got shape {tuple(t.shape)}; use sample_time(batch_size, {expected})."
-        )
-    return t.repeat_interleave(block_size, dim=1)[:, :seq_len]  # [B, L]
+    raise ValueError(
+        f"`t` must have ceil(seq_len / block_size) = {expected} times per sequence for seq_len={seq_len} and "
+        f"block_size={block_size}, got shape {tuple(t.shape)}; use sample_time(batch_size, {expected})."
+    )
 
 
 def group_time(

@@ -26,7 +26,7 @@ import torch
 from .attention import positions_from_inputs
 from .corruption import complementary, corrupt, masked_corruption
 from .loss import diffusion_loss
-from .noise import group_time, sample_time
+from .noise import expand_time, group_time, sample_time
 
 __all__ = ["MEAN_METRICS", "T_BUCKET_EDGES", "ObjectiveOutput", "diffusion_objective", "reduce_metrics"]
 
@@ -78,7 +78,7 @@ def diffusion_objective(
     1. targets: `labels != -100`, minus the first token of every document under shift (nothing precedes it);
     2. time: drawn unless given, one t per document, or per attention block of each document (`noise.group_time`:
        packed documents and left padding follow positions, as the attention does); a given `t` is per sequence, per
-       column block or per token;
+       block (`position // block_size`, the same blocks) or per token;
     3. corruption: the masking policy of the config (`corruption.corrupt`), or the given `is_masked`; optionally the
        complementary copy;
     4. logits on x_t from `model` (a `DiffusionLM`; two-stream `[x_t ; x_0]` when its pattern trains with clean
@@ -110,6 +110,11 @@ def diffusion_objective(
             batch_size, length, eps=time_eps, antithetic=antithetic_time, generator=generator, device=input_ids.device
         )  # [B, L]
         t = group_time(draws, positions, doc_ids, block_size)  # [B, L]
+    else:
+        if t.dim() >= 1 and t.shape[0] != batch_size:
+            raise ValueError(f"`t` must have batch size {batch_size} (from `input_ids`), got shape {tuple(t.shape)}.")
+        # a given per-block t follows positions, as the attention's blocks do (left padding, packing)
+        t = expand_time(t.to(input_ids.device), length, block_size, positions)  # [B, L]
     # 3. corruption
     noise = dict(
         mask_token_id=config.mask_token_id,

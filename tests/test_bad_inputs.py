@@ -14,10 +14,12 @@ from conftest import MASK_ID, VOCAB_SIZE, tiny_causal_lm
 from safetensors.torch import load_file, save_file
 from test_model import lora, word_tokenizer
 from test_trainer import make_trainer
-from transformers import AutoModelForCausalLM, BertConfig, BertModel
+from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
 
 from peft_diffusion import DiffusionConfig, DiffusionLM, get_diffusion_model
+from peft_diffusion.architectures import context_window
 from peft_diffusion.corruption import complementary, corrupt
+from peft_diffusion.evaluation import loglikelihood, loglikelihood_batch, nll_per_token
 
 # ---------------------------------------------------------------------------------------------------------------
 # DiffusionConfig: typos, wrong types, nonsense values
@@ -189,3 +191,234 @@ def test_the_complementary_copy_has_the_primary_time_floor():
     primary = corrupt(input_ids, is_target, t, mask_token_id=MASK_ID, generator=torch.Generator().manual_seed(0))
     pair = complementary(primary, input_ids, is_target, MASK_ID, eps=1e-3)
     assert float(pair.elbo_weight.max()) <= 1 / 1e-3 + 1e-3  # 1 / (1 - t) would be 2000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation: prompts it cannot start from
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def block_model(model_type="llama", attn_implementation="sdpa", **config):
+    config = dict(attention="block", block_size=4, mask_token_id=MASK_ID) | config
+    base = tiny_causal_lm(model_type, attn_implementation)
+    return get_diffusion_model(base, DiffusionConfig(**config)).eval()
+
+
+GENERATION_CASES = {
+    "id-past-vocabulary": (
+        lambda model: model.generate(torch.tensor([[1, 5, VOCAB_SIZE]]), max_new_tokens=4),
+        rf"`input_ids` holds token id {VOCAB_SIZE}, outside the model's vocabulary of {VOCAB_SIZE} embedding rows",
+    ),
+    "negative-id": (
+        lambda model: model.generate(torch.tensor([[1, -5, 6]]), max_new_tokens=4),
+        r"`input_ids` holds token id -5, outside the model's vocabulary",
+    ),
+    "id-past-vocabulary-in-infill": (
+        lambda model: model.infill(torch.tensor([[1, 500, MASK_ID, MASK_ID, 9]])),
+        r"`input_ids` holds token id 500, outside the model's vocabulary",
+    ),
+    "empty-prompt": (
+        lambda model: model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4),
+        r"`input_ids` has an empty prompt in rows \[0\].*pass the BOS token as the prompt",
+    ),
+    "all-padding-row": (
+        lambda model: model.generate(
+            torch.tensor([[0, 0, 0], [1, 5, 6]]), attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]]), max_new_tokens=4
+        ),
+        r"`input_ids` has an empty prompt in rows \[0\]",
+    ),
+    "past-the-text-config-window": (  # gemma3 keeps its context window in its text_config
+        lambda model: model.generate(torch.ones(1, 120, dtype=torch.long), max_new_tokens=16),
+        r"the prompt \(120 tokens\) \+ max_new_tokens \(16\) = 136 tokens exceeds the model's context window of 128",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATION_CASES))
+def test_generation_refuses(case):
+    call, match = GENERATION_CASES[case]
+    model_type = "gemma3" if case == "past-the-text-config-window" else "llama"
+    with pytest.raises(ValueError, match=match):
+        call(block_model(model_type))
+
+
+def test_the_vocabulary_counts_an_added_mask_row():
+    """With a mask token added through the tokenizer (a new row under PEFT's trainable-token wrapper), the
+    vocabulary is the embedding's rows, one more than the base config's."""
+    model = get_diffusion_model(
+        tiny_causal_lm("llama"),
+        DiffusionConfig(attention="block", block_size=4),
+        tokenizer=word_tokenizer(vocab_size=VOCAB_SIZE),
+        peft_config=lora(),
+    ).eval()
+    assert model.config.mask_token_id == VOCAB_SIZE
+    assert model.generate(torch.tensor([[1, 5]]), max_new_tokens=4).shape == (1, 6)
+    with pytest.raises(
+        ValueError, match=rf"token id {VOCAB_SIZE + 1}, outside the model's vocabulary of {VOCAB_SIZE + 1}"
+    ):
+        model.generate(torch.tensor([[1, VOCAB_SIZE + 1]]), max_new_tokens=4)
+
+
+def test_a_bos_prompt_is_the_unconditional_start():
+    """The defined form of an empty prompt: the BOS token alone (shift predicts token i from position i - 1)."""
+    model = block_model()
+    out = model.generate(torch.tensor([[1]]), max_new_tokens=4)
+    assert out.shape == (1, 5) and out[0, 0] == 1 and not bool((out == MASK_ID).any())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The context window: one lookup (architectures.context_window) for generation, evaluation and lm-eval
+# ---------------------------------------------------------------------------------------------------------------
+
+CONTEXT_WINDOW_CASES = {
+    "llama": (dict(max_position_embeddings=96), 96),
+    "gpt2": (dict(n_positions=80), 80),  # transformers' attribute map: max_position_embeddings -> n_positions
+    "gemma3": (dict(text_config=dict(max_position_embeddings=64)), 64),  # multimodal: in the text config
+    "whisper": (dict(max_target_positions=48), 48),  # the decoder's limit
+    "bloom": ({}, None),  # ALiBi: no limit in the config, unknown
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(CONTEXT_WINDOW_CASES))
+def test_context_window_reads_the_text_decoder_config(model_type):
+    overrides, expected = CONTEXT_WINDOW_CASES[model_type]
+    assert context_window(AutoConfig.for_model(model_type, **overrides)) == expected
+
+
+def test_an_unknown_context_window_checks_nothing_and_asks_for_windows():
+    model = block_model("bloom", "eager", attention="bidirectional")  # bloom has no sdpa path
+    assert context_window(model.causal_lm.config) is None
+    assert model.generate(torch.tensor([[1, 5]]), max_new_tokens=4).shape == (1, 6)
+    assert math.isfinite(loglikelihood(model, [1, 5], [8], mc_samples=1).logprob)  # nothing to truncate against
+    with pytest.raises(ValueError, match=r"context window is unknown .*pass `max_length`"):
+        nll_per_token(model, [[5, 6, 7]], prefix_token_id=1)
+    assert nll_per_token(model, [[5, 6, 7]], prefix_token_id=1, max_length=4, mc_samples=1).num_tokens == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: what the ELBO cannot score, named by the argument that holds it
+# ---------------------------------------------------------------------------------------------------------------
+
+EVALUATION_CASES = {
+    "mask-in-continuation": (
+        lambda model: loglikelihood(model, [5, 6], [8, MASK_ID]),
+        rf"`continuation_ids` holds the mask token \(id {MASK_ID}\) at index 1",
+    ),
+    "mask-in-context": (
+        lambda model: loglikelihood(model, [5, MASK_ID], [8]),
+        rf"`context_ids` holds the mask token \(id {MASK_ID}\) at index 1",
+    ),
+    "mask-in-request": (
+        lambda model: loglikelihood_batch(model, [([5], [8]), ([5], [MASK_ID, 9])]),
+        r"`requests\[1\]` continuation holds the mask token",
+    ),
+    "mask-in-text": (
+        lambda model: nll_per_token(model, [[5, 6], [7, 8, MASK_ID]], prefix_token_id=1),
+        r"`texts\[1\]` holds the mask token .* at index 2",
+    ),
+    "mask-as-prefix": (
+        lambda model: nll_per_token(model, [[5, 6]], prefix_token_id=MASK_ID),
+        r"`prefix_token_id` holds the mask token",
+    ),
+    "fractional-mc-samples": (
+        lambda model: loglikelihood(model, [5], [8], mc_samples=2.5),
+        r"`mc_samples` must be a positive integer, got mc_samples=2.5",
+    ),
+    "zero-mc-samples": (
+        lambda model: loglikelihood(model, [5], [8], mc_samples=0),
+        r"`mc_samples` must be a positive integer, got mc_samples=0",
+    ),
+    "zero-mc-samples-in-rolling-windows": (
+        lambda model: nll_per_token(model, [[5, 6]], prefix_token_id=1, mc_samples=0),
+        r"`mc_samples` must be a positive integer, got mc_samples=0",
+    ),
+    "id-past-vocabulary-in-continuation": (
+        lambda model: loglikelihood(model, [5], [8, VOCAB_SIZE]),
+        rf"`continuation_ids` holds token id {VOCAB_SIZE}, outside the model's vocabulary of {VOCAB_SIZE}",
+    ),
+    "id-past-vocabulary-in-request": (
+        lambda model: loglikelihood_batch(model, [([5, 200], [8])]),
+        r"`requests\[0\]` context holds token id 200, outside the model's vocabulary",
+    ),
+    "negative-id-in-text": (
+        lambda model: nll_per_token(model, [[5, -1]], prefix_token_id=1),
+        r"`texts\[0\]` holds token id -1, outside the model's vocabulary",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVALUATION_CASES))
+def test_evaluation_refuses(case):
+    call, match = EVALUATION_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        call(block_model())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lm-eval: the model built the way lm-eval's CLI builds it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lm_eval_model_folder(tmp_path):
+    pytest.importorskip("lm_eval")
+    model = block_model()
+    model.save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+# what lm-eval's CLI passes beside --model_args when no --batch_size / --device is given (EvaluatorConfig defaults)
+LM_EVAL_CLI_DEFAULTS = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
+
+
+def test_lm_eval_builds_from_model_args_and_the_cli_settings(lm_eval_model_folder, monkeypatch):
+    """`--model_args ...,batch_size=32` beside lm-eval's own batch_size; lm-eval's default `cuda:0` on a machine
+    without CUDA; the device default; the context window."""
+    from lm_eval.api.registry import get_model
+
+    import peft_diffusion.integrations.lm_eval  # noqa: F401 (registers the model)
+
+    model_class = get_model("peft_diffusion")
+    lm = model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder}")
+    assert lm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert lm.max_length == 128  # the model's context window (tiny models: max_position_embeddings=128)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="CUDA is not available on this machine: running on the CPU"):
+        lm = model_class.create_from_arg_string(
+            f"pretrained={lm_eval_model_folder},batch_size=32,mc_samples=2", dict(LM_EVAL_CLI_DEFAULTS)
+        )
+    assert lm.batch_size == 32 and lm.mc_samples == 2 and lm.device.type == "cpu"
+    lm = model_class.create_from_arg_obj({"pretrained": str(lm_eval_model_folder), "device": "cpu"}, {"batch_size": 4})
+    assert lm.batch_size == 4 and lm.device.type == "cpu"
+    with pytest.raises(ValueError, match=r"`mc_samples` must be a positive integer, got mc_samples=2.5"):
+        model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder},mc_samples=2.5")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An explicit per-block t follows positions, as the attention's blocks do
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_per_block_t_follows_positions_under_left_padding():
+    """A left-padded row gets the same corruption (times, weights, loss) as the same row unpadded."""
+    model = block_model(clean_context=True)
+    ids = torch.tensor([[1, 5, 9, 14, 22, 31, 40, 57]])  # [1, 8]: blocks {0..3}, {4..7}
+    is_masked = torch.tensor([[False, True, False, True, True, False, True, True]])
+    pad = 3
+    padded_ids = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)  # [1, 11]: three blocks of columns
+    attention_mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    padded_masked = torch.cat([torch.zeros(1, pad, dtype=torch.bool), is_masked], dim=1)
+    with torch.no_grad():
+        plain = model(input_ids=ids, labels=ids, t=torch.tensor([[0.2, 0.9]]), is_masked=is_masked)
+        padded = model(
+            input_ids=padded_ids,
+            attention_mask=attention_mask,
+            labels=padded_ids,
+            t=torch.tensor([[0.2, 0.9, 0.5]]),  # ceil(11 / 4) blocks of t; the real tokens reach blocks 0 and 1
+            is_masked=padded_masked,
+        )
+    expected_mean_t = (0.2 * 3 + 0.9 * 4) / 7  # targets: positions 1..7 under shift
+    assert float(plain.metrics["mean_t"]) == pytest.approx(expected_mean_t)
+    assert float(padded.metrics["mean_t"]) == pytest.approx(expected_mean_t)
+    assert float(padded.loss) == pytest.approx(float(plain.loss), rel=1e-5)

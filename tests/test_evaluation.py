@@ -225,10 +225,10 @@ def test_ar_nll_per_token_rolls_the_same_windows_over_documents():
     ("context", "continuation", "kwargs", "match"),
     [
         (CONTEXT, [], {}, "`continuation_ids` is empty"),
-        (CONTEXT, CONTINUATION, {"mc_samples": 0}, "`mc_samples` must be >= 1"),
+        (CONTEXT, CONTINUATION, {"mc_samples": 0}, "`mc_samples` must be a positive integer"),
         ([], CONTINUATION, {}, "`context_ids` is empty"),
         (CONTEXT, list(range(3, 126)) * 2, {}, "context window is 128"),
-        (CONTEXT, CONTINUATION, {"batch_size": 0}, "`batch_size` must be >= 1"),
+        (CONTEXT, CONTINUATION, {"batch_size": 0}, "`batch_size` must be a positive integer"),
     ],
 )
 def test_bad_input_raises(context, continuation, kwargs, match):
@@ -365,7 +365,7 @@ def test_lm_eval_bad_model_args_raise(lm_eval_setup):
 
     with pytest.raises(ValueError, match="Unknown model_args"):
         DiffusionLMEval(pretrained=str(path), mc_sample=4)
-    with pytest.raises(ValueError, match="`mc_samples` must be >= 1"):
+    with pytest.raises(ValueError, match="`mc_samples` must be a positive integer"):
         DiffusionLMEval(pretrained=str(path), mc_samples=0)
     with pytest.raises(ValueError, match="exactly one of"):
         DiffusionLMEval()

@@ -558,7 +558,7 @@ def test_stories260k_end_to_end(stories_path):
     [
         (dict(max_new_tokens=8, steps=1), r"`steps` must be at least the number of blocks .* = 2"),
         (dict(max_new_tokens=8, block_length=6), r"`block_length` must be a multiple of the model's block_size"),
-        (dict(max_new_tokens=200), r"exceeds the model's max_position_embeddings=128"),
+        (dict(max_new_tokens=200), r"exceeds the model's context window of 128 positions"),
         (dict(max_new_tokens=8, threshold=1.5), r"`threshold` must be in \(0, 1\]"),
         (dict(max_new_tokens=8, threshold=0.0), r"`threshold` must be in \(0, 1\]"),
         (dict(max_new_tokens=8, sampler="nope"), r"`sampler` must be one of"),

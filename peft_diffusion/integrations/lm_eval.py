@@ -25,19 +25,22 @@ it through this module, with the arguments of the `lm_eval` command:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import AutoTokenizer
 
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 except ImportError as error:
     raise ImportError(
         '`DiffusionLMEval` needs lm-evaluation-harness: `pip install "peft-diffusion[eval]"`.'
     ) from error
 
-from ..evaluation import _max_length, loglikelihood_batch
+from ..architectures import context_window
+from ..evaluation import _check_mc_samples, _check_positive_int, loglikelihood_batch
 from ..model import DiffusionLM
 
 __all__ = ["LM_EVAL_MODEL_NAME", "DiffusionLMEval", "main"]
@@ -61,11 +64,18 @@ class DiffusionLMEval(LM):
         model (`DiffusionLM`, *optional*): an already built model instead of `pretrained`.
         tokenizer (`str` or `PreTrainedTokenizerBase`, *optional*): defaults to the tokenizer saved with
             `pretrained`, else with the base model.
-        mc_samples (`int`, defaults to 32): Monte-Carlo samples per likelihood.
-        batch_size (`int`, defaults to 32): rows per forward pass (likelihood) and prompts per `generate` call.
+        mc_samples (`int`, defaults to 32): Monte-Carlo samples per likelihood, a positive integer.
+        batch_size (`int` or `"auto"`, defaults to 32): rows per forward pass (likelihood) and prompts per
+            `generate` call (`"auto"`: 32). Given in `model_args` it wins over lm-eval's `--batch_size` (whose
+            default, 1, lm-eval always passes).
         steps (`int`, *optional*), block_length (`int`, *optional*): decoding settings of `generate_until`.
         max_new_tokens (`int`, defaults to 256): generation length when a task sets no `max_gen_toks`.
-        device (`str`, defaults to `"cpu"`), dtype (`str`, *optional*): where and in which dtype to load.
+        max_length (`int`, *optional*): the context window of rolling windows and prompt truncation; defaults to
+            the model's (`architectures.context_window`), else lm-eval's usual 2048 (as its `hf` model).
+        device (`str`, *optional*): where to run; defaults to `"cuda"` when CUDA is available, else `"cpu"`. A CUDA
+            device on a machine without CUDA (lm-eval's CLI passes `cuda:0` by default) falls back to the CPU with
+            a warning. Given in `model_args` it wins over lm-eval's `--device`.
+        dtype (`str`, *optional*): the dtype to load in (`"bfloat16"`, ...).
         seed (`int`, defaults to 0): seeds the Monte-Carlo draws and sampling; results are deterministic.
 
     Example:
@@ -88,7 +98,8 @@ class DiffusionLMEval(LM):
         steps: int | None = None,
         block_length: int | None = None,
         max_new_tokens: int = 256,
-        device: str | None = "cpu",
+        max_length: int | None = None,
+        device: str | None = None,
         dtype: str | None = None,
         seed: int = 0,
         **kwargs,
@@ -100,14 +111,14 @@ class DiffusionLMEval(LM):
             kwargs.pop("max_batch_size", None)
         if kwargs:
             raise ValueError(f"Unknown model_args for peft_diffusion: {sorted(kwargs)}.")
-        if mc_samples < 1:
-            raise ValueError(f"`mc_samples` must be >= 1, got mc_samples={mc_samples}.")
+        _check_mc_samples(mc_samples)
         if isinstance(batch_size, str):
             batch_size = 32 if batch_size.startswith("auto") else int(batch_size)
+        _check_positive_int("batch_size", batch_size, "use e.g. 32, or auto.")
         if model is None:
             load_kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
             model = DiffusionLM.from_pretrained(pretrained, **load_kwargs)
-        self.model = model.to(device or "cpu").eval()
+        self.model = model.to(_resolve_device(device)).eval()
         if tokenizer is None or isinstance(tokenizer, str):
             sources = [tokenizer] if tokenizer else [pretrained, model.config.base_model_name_or_path]
             tokenizer = _load_tokenizer(AutoTokenizer, [source for source in sources if source])
@@ -116,9 +127,25 @@ class DiffusionLMEval(LM):
         self.batch_size = batch_size
         self.steps, self.block_length, self.max_new_tokens = steps, block_length, max_new_tokens
         self.seed = seed
-        self.max_length = _max_length(model)
+        # lm-eval's `hf` model uses 2048 when a config names no context window; the same here
+        self.max_length = max_length or context_window(model.causal_lm.config) or 2048
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.prefix_token_id = prefix
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DiffusionLMEval:
+        """lm-eval's `--model_args` string, with `additional_config` (lm-eval's `--batch_size`, `--device`, ...)."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> DiffusionLMEval:
+        """Build from `model_args` and lm-eval's own settings; a key given in `model_args` wins.
+
+        lm-eval always passes its `batch_size` (default 1) and `device` (default `cuda:0`) beside `model_args`, so
+        lm-eval's base version fails on `model_args` that name them too ("got multiple values for keyword argument").
+        """
+        host = {key: value for key, value in (additional_config or {}).items() if value is not None}
+        return cls(**{**host, **arg_dict})
 
     @property
     def device(self):
@@ -221,6 +248,20 @@ def _gen_settings(gen_kwargs: dict, lm) -> dict:
     if gen_kwargs.get("do_sample") and temperature > 0:
         settings.update(do_sample=True, temperature=temperature)
     return settings
+
+
+def _resolve_device(device: str | None) -> str:
+    """`device`, or `"cuda"` when CUDA is available else `"cpu"`; a CUDA device without CUDA falls back to the CPU."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(
+            f"device={device!r} but CUDA is not available on this machine: running on the CPU; pass `--device cpu` "
+            "to say so.",
+            stacklevel=3,
+        )
+        return "cpu"
+    return device
 
 
 def _load_tokenizer(auto_tokenizer, sources: list[str]):
