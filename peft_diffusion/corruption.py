@@ -255,16 +255,17 @@ def _token_probabilities(input_ids, is_target, t, schedule, masking, strength, b
     # 1. per-token time
     if t.dim() >= 1 and t.shape[0] != batch_size:
         raise ValueError(f"`t` must have batch size {batch_size} (from `input_ids`), got shape {tuple(t.shape)}.")
-    t_tokens = expand_time(t, seq_len, block_size).to(input_ids.device)  # [B, L]
+    if positions is not None and positions.shape != input_ids.shape:
+        raise ValueError(
+            f"`positions` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(positions.shape)}."
+        )
+    # a per-block t follows the attention's blocks (positions), as in the objective
+    t_tokens = expand_time(t, seq_len, block_size, positions).to(input_ids.device)  # [B, L]
     if not t_tokens.is_floating_point():
         t_tokens = t_tokens.float()
     # 2. positions inside each block, or inside the sequence (document)
     if positions is None:
         positions = torch.arange(seq_len, device=input_ids.device).expand(batch_size, -1)  # [B, L]
-    elif positions.shape != input_ids.shape:
-        raise ValueError(
-            f"`positions` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(positions.shape)}."
-        )
     if block_size is not None:
         positions = positions % block_size  # [B, L]
     # 3. per-token mask probability and ELBO weight

@@ -250,7 +250,8 @@ class DiffusionLM(PreTrainedModel):
                 corruption are drawn (`noise.py`, `corruption.py`), and the masked cross-entropy is weighted by the ELBO weight
                 (`loss.py`); one step of `objective.diffusion_objective`. Like a causal LM with labels, but the labels are not shifted by the caller.
             t (`torch.Tensor` of shape `(batch_size,)` or `(batch_size, num_blocks)`, *optional*): an explicit time
-                (per block under block attention) instead of a draw.
+                (per block under block attention: block b holds the tokens with `position // block_size == b`,
+                positions counted from each row's first real token) instead of a draw.
             is_masked (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*): explicit masked
                 positions (needs `t`); used by tests and likelihood evaluation.
             time_eps (`float`, defaults to 1e-3): t is drawn from U(time_eps, 1).
