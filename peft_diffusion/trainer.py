@@ -38,7 +38,7 @@ from trl import SFTTrainer
 from . import _compat
 from .attention import positions_from_inputs
 from .config import DiffusionConfig
-from .conversion import get_diffusion_model
+from .conversion import check_adapter_weights, get_diffusion_model
 from .model import DiffusionLM
 from .objective import reduce_metrics
 from .training_config import EOS_POLICIES, DiffusionTrainingConfig
@@ -397,11 +397,13 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
             return False
         peft_model = self.model.model
         weights = load_peft_weights(checkpoint, device="cpu")
-        result = set_peft_model_state_dict(peft_model, weights, adapter_name=peft_model.active_adapter)
-        if result.unexpected_keys:
-            raise ValueError(
-                f"The adapter in {checkpoint} does not match the model: unexpected keys {result.unexpected_keys[:5]}."
-            )
+        # Exactly the adapter's weights: a missing one would silently keep its fresh value; embedding layers PEFT
+        # may have saved beside them are the base's frozen rows (and, tied, a copy of the mask row it cannot load).
+        adapter = check_adapter_weights(peft_model, weights, checkpoint)
+        result = set_peft_model_state_dict(
+            peft_model, {name: weights[name] for name in adapter}, adapter_name=peft_model.active_adapter
+        )
+        assert not result.unexpected_keys, result.unexpected_keys
         logger.info("Loaded the adapter from %s.", checkpoint)
         return True
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -189,3 +190,36 @@ def test_the_complementary_copy_has_the_primary_time_floor():
     primary = corrupt(input_ids, is_target, t, mask_token_id=MASK_ID, generator=torch.Generator().manual_seed(0))
     pair = complementary(primary, input_ids, is_target, MASK_ID, eps=1e-3)
     assert float(pair.elbo_weight.max()) <= 1 / 1e-3 + 1e-3  # 1 / (1 - t) would be 2000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming training from a checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(tmp_path_factory):
+    """A resumable checkpoint after one LoRA step (`make_trainer`'s model and data)."""
+    folder = tmp_path_factory.mktemp("trained")
+    make_trainer(folder, "text", max_steps=1, save_strategy="steps", save_steps=1).train()
+    return folder / "out" / "checkpoint-1"
+
+
+CHECKPOINT_CASES = {
+    "half-the-adapter": (lambda weights: dict(sorted(weights.items())[::2]), r"\d+ adapter weights missing"),
+    "no-mask-row": (
+        lambda weights: {k: v for k, v in weights.items() if "trainable_tokens" not in k},
+        r"1 adapter weights missing \(e.g. \['base_model.model.model.embed_tokens.token_adapter",
+    ),
+    "renamed-keys": (lambda weights: {f"x.{k}": v for k, v in weights.items()}, r"\d+ unexpected weights"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_resuming_from_a_checkpoint_that_does_not_match_is_refused(tmp_path, trainer_checkpoint, case):
+    change, match = CHECKPOINT_CASES[case]
+    checkpoint = shutil.copytree(trainer_checkpoint, tmp_path / "checkpoint-1")
+    _rewrite_adapter(checkpoint, change)
+    trainer = make_trainer(tmp_path, "text", max_steps=2)
+    with pytest.raises(ValueError, match=rf"The adapter in .*checkpoint-1 does not match.*{match}"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))

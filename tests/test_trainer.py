@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MASK_ID, tiny_causal_lm
+from conftest import MASK_ID, VOCAB_SIZE, tiny_causal_lm
 from datasets import Dataset
 from peft import LoraConfig
+from safetensors.torch import load_file
 from test_model import word_tokenizer
 from transformers import TrainerCallback
 
@@ -329,6 +330,65 @@ def test_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
     losses = [entry["loss"] for entry in uninterrupted.state.log_history if "loss" in entry]
     assert [entry["loss"] for entry in resumed.state.log_history if "loss" in entry] == pytest.approx(losses, 1e-5)
+
+
+def tied_trainer(base_folder, folder, **overrides):
+    """The CLI's default model in small: a base folder with tied embeddings and no mask token in its tokenizer, so
+    the embedding grows by one row, trained through PEFT's trainable tokens on both tied layers."""
+    return DiffusionTrainer(
+        str(base_folder),
+        args=training_args(folder, **overrides),
+        train_dataset=dataset("text"),
+        processing_class=word_tokenizer(vocab_size=VOCAB_SIZE),  # every row taken: the mask token is added
+        diffusion_config=DiffusionConfig(attention="block", block_size=4),
+        peft_config=lora(),
+    )
+
+
+def test_resume_equals_uninterrupted_on_a_tied_base_with_an_added_mask_token(tmp_path):
+    tiny_causal_lm("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "base")
+    common = dict(max_steps=3, save_strategy="steps", save_steps=2, packing=True)
+    uninterrupted = tied_trainer(tmp_path / "base", tmp_path / "a", **common)
+    causal_lm = uninterrupted.model.causal_lm
+    assert causal_lm.config.tie_word_embeddings and uninterrupted.model.config.mask_token_id == VOCAB_SIZE
+    uninterrupted.train()
+
+    interrupted = tied_trainer(tmp_path / "base", tmp_path / "b", **common)
+    interrupted.add_callback(StopAt(2))
+    interrupted.train()
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-2"
+    # the adapter alone: LoRA and the mask row, not the embedding matrices
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+    assert all("lora_" in name or "trainable_tokens_delta" in name for name in saved), sorted(saved)
+
+    resumed = tied_trainer(tmp_path / "base", tmp_path / "b", **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3
+    expected, got = lora_weights(uninterrupted.model), lora_weights(resumed.model)
+    assert expected.keys() == got.keys() and any("trainable_tokens" in name for name in expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+    losses = [entry["loss"] for entry in uninterrupted.state.log_history if "loss" in entry]
+    assert [entry["loss"] for entry in resumed.state.log_history if "loss" in entry] == pytest.approx(losses, 1e-5)
+
+
+def test_resume_from_a_checkpoint_holding_peft_embedding_layers(tmp_path):
+    """A stock PEFT save of the tied model holds both embedding matrices and the output layer's copy of the mask row
+    (`save_embedding_layers`): they are the base's frozen rows and the adapter's own row, and resuming reads the
+    adapter's weights exactly."""
+    tiny_causal_lm("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "base")
+    trained = tied_trainer(tmp_path / "base", tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    trained.train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    trained.model.model.save_pretrained(checkpoint, save_embedding_layers=True)
+    assert "base_model.model.lm_head.token_adapter.trainable_tokens_delta" in load_file(
+        checkpoint / "adapter_model.safetensors"
+    )
+    resumed = tied_trainer(tmp_path / "base", tmp_path, max_steps=1)
+    resumed.train(resume_from_checkpoint=str(checkpoint))  # at max_steps already: loads and stops
+    expected, got = lora_weights(trained.model), lora_weights(resumed.model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
 
 
 def test_push_to_hub_uploads_what_from_pretrained_loads(tmp_path, monkeypatch):
