@@ -15,7 +15,9 @@ What this subclass adds:
 4. evaluation: `eval_loss` with `"targets"` normalization and a fixed noise seed, `eval_nll_bound` (the ELBO bound on
    the NLL per target token, token-weighted over the eval set) and `eval_ppl_bound = exp(eval_nll_bound)`;
 5. checkpoints: a PEFT `DiffusionLM` saves a standard adapter + `diffusion_config.json`; resuming loads the adapter
-   (mask-token row included) back into the wrapped `PeftModel`.
+   (mask-token row included) back into the wrapped `PeftModel`;
+6. Ctrl-C: the optimizer step finishes, a resumable checkpoint is saved and `KeyboardInterrupt` names it
+   (`SaveOnInterrupt`, `DiffusionTrainer.train`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import importlib.util
 import logging
 import math
 import os
+import signal
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +36,8 @@ from typing import Any, Literal
 import torch
 from peft import PeftConfig, set_peft_model_state_dict
 from peft.utils import load_peft_weights
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from . import _compat
@@ -164,6 +169,46 @@ class DiffusionDataCollator:
         return batch
 
 
+class SaveOnInterrupt(TrainerCallback):
+    """Ctrl-C during `DiffusionTrainer.train`: finish the optimizer step, save a resumable checkpoint, stop.
+
+    `handle_interrupt` is the SIGINT handler `DiffusionTrainer.train` installs for its duration (main thread only):
+    the first call sets a flag, a second one raises `KeyboardInterrupt` at once (nothing more is saved). At the end of
+    the optimizer step the flag asks the Trainer for a normal checkpoint (`control.should_save`, model, optimizer,
+    scheduler, RNG and trainer state) and to stop (`control.should_training_stop`). Under several processes the flag
+    is OR-ed over ranks at each step end, so every rank saves and stops at the same step.
+    """
+
+    def __init__(self, trainer: DiffusionTrainer):
+        self.trainer = trainer
+        self.requested = False
+        self.checkpoint: str | None = None
+
+    def handle_interrupt(self, signum, frame) -> None:
+        if self.requested:
+            signal.default_int_handler(signum, frame)  # the second Ctrl-C: KeyboardInterrupt now
+        self.requested = True
+        logger.warning(
+            "Ctrl-C: finishing the current optimizer step, then saving a checkpoint in %s and stopping (Ctrl-C again "
+            "stops at once, without saving).",
+            self.trainer.args.output_dir,
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.requested
+        if self.trainer.accelerator.num_processes > 1:
+            flag = torch.tensor([float(requested)], device=self.trainer.accelerator.device)  # [1]
+            requested = bool(self.trainer.accelerator.gather(flag).amax())
+        if requested:
+            self.requested = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.requested:
+            self.checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
 class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
     r"""Train a masked diffusion LM with TRL's dataset handling (conversion by continued pretraining, or SFT).
 
@@ -293,6 +338,51 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         self._diffusion_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._num_items_checked = False
         self._eval_generator: torch.Generator | None = None
+        self._interrupt = SaveOnInterrupt(self)
+        self.add_callback(self._interrupt)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, with nothing lost on Ctrl-C.
+
+        The first Ctrl-C (SIGINT) lets the current optimizer step finish, saves a normal resumable checkpoint
+        (`output_dir/checkpoint-<step>`: the adapter or model, optimizer, scheduler, RNG and trainer state, whatever
+        `save_strategy` says) and then raises `KeyboardInterrupt`, whose message names the checkpoint and how to resume:
+        `trainer.train(resume_from_checkpoint="<output_dir>/checkpoint-<step>")`. Raising, as an uncaught Ctrl-C
+        does, stops a script where it was: the lines after `train()` (`save_model`, `push_to_hub`, evaluation) do not
+        run on a half-trained model as if training had finished; catch `KeyboardInterrupt` to go on. A second Ctrl-C
+        interrupts at once. The handler is installed only for the duration of `train()` and only in the main thread
+        (signals reach no other); elsewhere, or when SIGINT is ignored, Ctrl-C behaves as without it.
+        """
+        interrupt = self._interrupt
+        interrupt.requested, interrupt.checkpoint = False, None
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is signal.SIG_IGN or previous is None:  # ignored, or not installed from Python: keep it
+                previous = None
+            else:
+                signal.signal(signal.SIGINT, interrupt.handle_interrupt)
+        try:
+            output = super().train(*args, **kwargs)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if interrupt.requested:
+            if interrupt.checkpoint is not None:
+                message = (
+                    f"Training interrupted (Ctrl-C) after step {self.state.global_step} of {self.state.max_steps}; "
+                    f"saved a resumable checkpoint in {interrupt.checkpoint}. Resume with "
+                    f"trainer.train(resume_from_checkpoint={interrupt.checkpoint!r}) (the CLI: "
+                    f"--resume_from_checkpoint {interrupt.checkpoint})."
+                )
+            else:
+                message = (
+                    f"Training interrupted (Ctrl-C) after its last step ({self.state.global_step}): training had "
+                    "finished, nothing was left to save."
+                )
+            logger.warning(message)
+            raise KeyboardInterrupt(message)
+        return output
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss and metrics
