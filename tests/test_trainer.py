@@ -107,7 +107,7 @@ def make_trainer(
     return DiffusionTrainer(
         base if base is not None else tiny_causal_lm("llama"),
         args=training_args(tmp_path, **overrides),
-        train_dataset=train_dataset or dataset(kind),
+        train_dataset=dataset(kind) if train_dataset is None else train_dataset,
         processing_class=tokenizer,
         diffusion_config=DiffusionConfig(attention=attention, block_size=4),
         peft_config=lora() if peft else None,
