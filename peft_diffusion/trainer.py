@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import logging
 import math
 import os
@@ -55,6 +56,7 @@ from .training_config import EOS_POLICIES, DiffusionTrainingConfig
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer's state in every checkpoint folder
 _BATCH_ROWS = 1024  # rows per Arrow batch when a dataset is checked
 # Columns TRL's dataset preparation can turn into `input_ids` + `labels`.
 _USABLE_COLUMNS = (
@@ -374,6 +376,9 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         interrupts at once. The handler is installed only for the duration of `train()` and only in the main thread
         (signals reach no other); elsewhere, or when SIGINT is ignored, Ctrl-C behaves as without it.
         """
+        checkpoint = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            _check_checkpoint(os.fspath(checkpoint))
         interrupt = self._interrupt
         interrupt.requested, interrupt.checkpoint = False, None
         previous = None
@@ -517,6 +522,28 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         assert not result.unexpected_keys, result.unexpected_keys
         logger.info("Loaded the adapter from %s.", checkpoint)
         return True
+
+
+def _check_checkpoint(path: str) -> None:
+    """`resume_from_checkpoint` must be a Trainer checkpoint whose `trainer_state.json` reads (the Trainer would fail
+    with a bare `FileNotFoundError` or `JSONDecodeError`)."""
+    state_file = os.path.join(path, TRAINER_STATE_FILE)
+    if os.path.isdir(path) and not os.path.isfile(state_file):
+        raise ValueError(
+            f"`resume_from_checkpoint`={path!r} holds no {TRAINER_STATE_FILE}: it is not a Trainer checkpoint (a "
+            "saved model?). Pass a `<output_dir>/checkpoint-<step>` folder, or True for the last one in `output_dir`; "
+            "to go on from saved weights without their optimizer state, load them with "
+            "`DiffusionLM.from_pretrained(path, is_trainable=True)` and train from step 0."
+        )
+    if os.path.isfile(state_file):
+        try:
+            with open(state_file, encoding="utf-8") as handle:
+                json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{state_file} is not a valid {TRAINER_STATE_FILE} ({error}): the checkpoint is damaged; resume from "
+                "another checkpoint."
+            ) from error
 
 
 def _check_dataset(dataset, args: DiffusionTrainingConfig, formatting_func, name: str) -> None:

@@ -216,6 +216,27 @@ CHECKPOINT_CASES = {
 }
 
 
+RESUME_CASES = {
+    "a-saved-model": (
+        lambda folder: (folder / "trainer_state.json").unlink(),
+        r"holds no trainer_state.json: it is not a Trainer checkpoint.*checkpoint-<step>.*from_pretrained",
+    ),
+    "corrupt-trainer-state": (
+        lambda folder: (folder / "trainer_state.json").write_text("{not json"),
+        r"checkpoint-1/trainer_state.json is not a valid trainer_state.json .*resume from another checkpoint",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resuming_from_what_is_not_a_checkpoint_is_refused(tmp_path, trainer_checkpoint, case):
+    change, match = RESUME_CASES[case]
+    checkpoint = shutil.copytree(trainer_checkpoint, tmp_path / "checkpoint-1")
+    change(checkpoint)
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, "text", max_steps=2).train(resume_from_checkpoint=str(checkpoint))
+
+
 @pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
 def test_resuming_from_a_checkpoint_that_does_not_match_is_refused(tmp_path, trainer_checkpoint, case):
     change, match = CHECKPOINT_CASES[case]
