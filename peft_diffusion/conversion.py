@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
@@ -304,10 +305,43 @@ def load_base_model(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedMode
         ) from error
 
 
+def adapter_weight_names(peft_model: PeftModel) -> tuple[set[str], set[str]]:
+    """The names of a PEFT model's adapter weights (LoRA, mask-token row), and of the embedding layers PEFT adds to a
+    save when it sees a resized vocabulary.
+
+    PEFT's `save_embedding_layers="auto"` writes the whole input and output embedding modules (the base weights and,
+    on a tied model, the output layer's copy of the mask-token row) whenever the base's folder holds a smaller
+    vocabulary, i.e. after the mask-token resize. `DiffusionLM.save_pretrained` does not write them (the mask row is
+    in the adapter, every other row is the base's); files that hold them (a stock PEFT save) still load.
+    """
+    from peft import get_peft_model_state_dict
+
+    adapter = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    embedding_layers = set(get_peft_model_state_dict(peft_model, save_embedding_layers=True)) - adapter
+    return adapter, embedding_layers
+
+
+def check_adapter_weights(peft_model: PeftModel, saved: Iterable[str], source) -> set[str]:
+    """Refuse saved adapter weights that do not cover the model's adapter exactly: missing weights would stay at
+    their initial values, unexpected ones would be dropped silently. Returns the names of the adapter's weights
+    (saved embedding layers, see `adapter_weight_names`, are accepted and left out)."""
+    adapter, embedding_layers = adapter_weight_names(peft_model)
+    saved = set(saved)
+    missing, unexpected = sorted(adapter - saved), sorted(saved - adapter - embedding_layers)
+    if missing or unexpected:
+        raise ValueError(
+            f"The adapter in {source} does not match the model it is loaded onto: "
+            + (f"{len(missing)} adapter weights missing (e.g. {missing[:3]})" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"{len(unexpected)} unexpected weights (e.g. {unexpected[:3]})" if unexpected else "")
+            + ". The adapter file is incomplete or belongs to another base model."
+        )
+    return adapter
+
+
 def load_adapter_strictly(base_model: PreTrainedModel, path, *, is_trainable: bool, **hub_kwargs) -> PeftModel:
     """`PeftModel.from_pretrained`, then refuse an adapter whose weights do not cover the model's adapter exactly
-    (missing keys would stay randomly initialised, unexpected keys would be dropped silently)."""
-    from peft import get_peft_model_state_dict
+    (`check_adapter_weights`)."""
     from peft.utils import load_peft_weights
 
     try:
@@ -317,17 +351,7 @@ def load_adapter_strictly(base_model: PreTrainedModel, path, *, is_trainable: bo
             f"The adapter in {path} does not match the model it is loaded onto: PEFT found no weight for {error}. "
             "The adapter file is incomplete or belongs to another base model."
         ) from error
-    saved = set(load_peft_weights(str(path), device="cpu", **hub_kwargs))
-    expected = set(get_peft_model_state_dict(peft_model))
-    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"The adapter in {path} does not match the model it is loaded onto: "
-            + (f"{len(missing)} adapter weights missing (e.g. {missing[:3]})" if missing else "")
-            + ("; " if missing and unexpected else "")
-            + (f"{len(unexpected)} unexpected weights (e.g. {unexpected[:3]})" if unexpected else "")
-            + ". The adapter file is incomplete or belongs to another base model."
-        )
+    check_adapter_weights(peft_model, load_peft_weights(str(path), device="cpu", **hub_kwargs), path)
     return peft_model
 
 

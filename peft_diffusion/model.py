@@ -485,7 +485,10 @@ class DiffusionLM(PreTrainedModel):
             key: kwargs[key] for key in ("safe_serialization", "selected_adapters", "is_main_process") if key in kwargs
         }
         if kwargs.get("is_main_process", True):
-            self.model.save_pretrained(save_directory, **peft_kwargs)
+            # The adapter alone (LoRA + mask-token row): PEFT's "auto" would add both full embedding matrices whenever
+            # the base folder's vocabulary is smaller (the mask-token resize), and on a tied model a copy of the mask
+            # row that PEFT cannot load back (`conversion.adapter_weight_names`).
+            self.model.save_pretrained(save_directory, save_embedding_layers=False, **peft_kwargs)
             self.config.to_json_file(os.path.join(save_directory, DIFFUSION_CONFIG_NAME))
             if self.can_generate() and self.generation_config is not None:
                 self.generation_config.save_pretrained(save_directory)

@@ -15,30 +15,40 @@ What this subclass adds:
 4. evaluation: `eval_loss` with `"targets"` normalization and a fixed noise seed, `eval_nll_bound` (the ELBO bound on
    the NLL per target token, token-weighted over the eval set) and `eval_ppl_bound = exp(eval_nll_bound)`;
 5. checkpoints: a PEFT `DiffusionLM` saves a standard adapter + `diffusion_config.json`; resuming loads the adapter
-   (mask-token row included) back into the wrapped `PeftModel`.
+   (mask-token row included) back into the wrapped `PeftModel`;
+6. Ctrl-C: the optimizer step finishes, a resumable checkpoint is saved and `KeyboardInterrupt` names it
+   (`SaveOnInterrupt`, `DiffusionTrainer.train`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import json
 import logging
 import math
 import os
+import signal
+import threading
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy
 import torch
+from datasets import Dataset
 from peft import PeftConfig, set_peft_model_state_dict
 from peft.utils import load_peft_weights
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from . import _compat
 from .attention import positions_from_inputs
 from .config import DiffusionConfig
-from .conversion import get_diffusion_model
+from .conversion import check_adapter_weights, get_diffusion_model
 from .model import DiffusionLM
 from .objective import reduce_metrics
 from .training_config import EOS_POLICIES, DiffusionTrainingConfig
@@ -46,6 +56,8 @@ from .training_config import EOS_POLICIES, DiffusionTrainingConfig
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer's state in every checkpoint folder
+_BATCH_ROWS = 1024  # rows per Arrow batch when a dataset is checked
 # Columns TRL's dataset preparation can turn into `input_ids` + `labels`.
 _USABLE_COLUMNS = (
     "`text` (or `dataset_text_field`), `prompt` + `completion`, `messages`, `conversations` or `input_ids`"
@@ -162,6 +174,46 @@ class DiffusionDataCollator:
             labels = labels.masked_fill(positions == 0, -100)
         batch["labels"] = labels
         return batch
+
+
+class SaveOnInterrupt(TrainerCallback):
+    """Ctrl-C during `DiffusionTrainer.train`: finish the optimizer step, save a resumable checkpoint, stop.
+
+    `handle_interrupt` is the SIGINT handler `DiffusionTrainer.train` installs for its duration (main thread only):
+    the first call sets a flag, a second one raises `KeyboardInterrupt` at once (nothing more is saved). At the end of
+    the optimizer step the flag asks the Trainer for a normal checkpoint (`control.should_save`, model, optimizer,
+    scheduler, RNG and trainer state) and to stop (`control.should_training_stop`). Under several processes the flag
+    is OR-ed over ranks at each step end, so every rank saves and stops at the same step.
+    """
+
+    def __init__(self, trainer: DiffusionTrainer):
+        self.trainer = trainer
+        self.requested = False
+        self.checkpoint: str | None = None
+
+    def handle_interrupt(self, signum, frame) -> None:
+        if self.requested:
+            signal.default_int_handler(signum, frame)  # the second Ctrl-C: KeyboardInterrupt now
+        self.requested = True
+        logger.warning(
+            "Ctrl-C: finishing the current optimizer step, then saving a checkpoint in %s and stopping (Ctrl-C again "
+            "stops at once, without saving).",
+            self.trainer.args.output_dir,
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.requested
+        if self.trainer.accelerator.num_processes > 1:
+            flag = torch.tensor([float(requested)], device=self.trainer.accelerator.device)  # [1]
+            requested = bool(self.trainer.accelerator.gather(flag).amax())
+        if requested:
+            self.requested = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.requested:
+            self.checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
@@ -282,7 +334,23 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
             processing_class=processing_class,
             **kwargs,
         )
-        # 2. targets fixed before `num_items_in_batch` is counted; the diffusion labels are not shifted
+        # 2. the data as TRL prepared it: tokens inside the vocabulary, no mask token, a target in every row
+        if isinstance(eval_dataset, dict):
+            evals = [(f"eval_dataset[{key!r}]", eval_dataset[key], self.eval_dataset[key]) for key in eval_dataset]
+        else:
+            evals = [("eval_dataset", eval_dataset, self.eval_dataset)] if eval_dataset is not None else []
+        for name, given, prepared in [("train_dataset", train_dataset, self.train_dataset), *evals]:
+            _check_prepared(
+                prepared,
+                given,
+                name,
+                args,
+                num_rows=self.model.get_input_embeddings().weight.shape[0],
+                mask_token_id=self.model.config.mask_token_id,
+                mask_token=self.model.config.mask_token,
+                shift=self.model.config.shift,
+            )
+        # 3. targets fixed before `num_items_in_batch` is counted; the diffusion labels are not shifted
         _compat.disable_label_shift_count(self)
         self.data_collator = DiffusionDataCollator(
             self.data_collator,
@@ -293,6 +361,54 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         self._diffusion_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._num_items_checked = False
         self._eval_generator: torch.Generator | None = None
+        self._interrupt = SaveOnInterrupt(self)
+        self.add_callback(self._interrupt)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, with nothing lost on Ctrl-C.
+
+        The first Ctrl-C (SIGINT) lets the current optimizer step finish, saves a normal resumable checkpoint
+        (`output_dir/checkpoint-<step>`: the adapter or model, optimizer, scheduler, RNG and trainer state, whatever
+        `save_strategy` says) and then raises `KeyboardInterrupt`, whose message names the checkpoint and how to resume:
+        `trainer.train(resume_from_checkpoint="<output_dir>/checkpoint-<step>")`. Raising, as an uncaught Ctrl-C
+        does, stops a script where it was: the lines after `train()` (`save_model`, `push_to_hub`, evaluation) do not
+        run on a half-trained model as if training had finished; catch `KeyboardInterrupt` to go on. A second Ctrl-C
+        interrupts at once. The handler is installed only for the duration of `train()` and only in the main thread
+        (signals reach no other); elsewhere, or when SIGINT is ignored, Ctrl-C behaves as without it.
+        """
+        checkpoint = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            _check_checkpoint(os.fspath(checkpoint))
+        interrupt = self._interrupt
+        interrupt.requested, interrupt.checkpoint = False, None
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is signal.SIG_IGN or previous is None:  # ignored, or not installed from Python: keep it
+                previous = None
+            else:
+                signal.signal(signal.SIGINT, interrupt.handle_interrupt)
+        try:
+            output = super().train(*args, **kwargs)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if interrupt.requested:
+            if interrupt.checkpoint is not None:
+                message = (
+                    f"Training interrupted (Ctrl-C) after step {self.state.global_step} of {self.state.max_steps}; "
+                    f"saved a resumable checkpoint in {interrupt.checkpoint}. Resume with "
+                    f"trainer.train(resume_from_checkpoint={interrupt.checkpoint!r}) (the CLI: "
+                    f"--resume_from_checkpoint {interrupt.checkpoint})."
+                )
+            else:
+                message = (
+                    f"Training interrupted (Ctrl-C) after its last step ({self.state.global_step}): training had "
+                    "finished, nothing was left to save."
+                )
+            logger.warning(message)
+            raise KeyboardInterrupt(message)
+        return output
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss and metrics
@@ -397,13 +513,37 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
             return False
         peft_model = self.model.model
         weights = load_peft_weights(checkpoint, device="cpu")
-        result = set_peft_model_state_dict(peft_model, weights, adapter_name=peft_model.active_adapter)
-        if result.unexpected_keys:
-            raise ValueError(
-                f"The adapter in {checkpoint} does not match the model: unexpected keys {result.unexpected_keys[:5]}."
-            )
+        # Exactly the adapter's weights: a missing one would silently keep its fresh value; embedding layers PEFT
+        # may have saved beside them are the base's frozen rows (and, tied, a copy of the mask row it cannot load).
+        adapter = check_adapter_weights(peft_model, weights, checkpoint)
+        result = set_peft_model_state_dict(
+            peft_model, {name: weights[name] for name in adapter}, adapter_name=peft_model.active_adapter
+        )
+        assert not result.unexpected_keys, result.unexpected_keys
         logger.info("Loaded the adapter from %s.", checkpoint)
         return True
+
+
+def _check_checkpoint(path: str) -> None:
+    """`resume_from_checkpoint` must be a Trainer checkpoint whose `trainer_state.json` reads (the Trainer would fail
+    with a bare `FileNotFoundError` or `JSONDecodeError`)."""
+    state_file = os.path.join(path, TRAINER_STATE_FILE)
+    if os.path.isdir(path) and not os.path.isfile(state_file):
+        raise ValueError(
+            f"`resume_from_checkpoint`={path!r} holds no {TRAINER_STATE_FILE}: it is not a Trainer checkpoint (a "
+            "saved model?). Pass a `<output_dir>/checkpoint-<step>` folder, or True for the last one in `output_dir`; "
+            "to go on from saved weights without their optimizer state, load them with "
+            "`DiffusionLM.from_pretrained(path, is_trainable=True)` and train from step 0."
+        )
+    if os.path.isfile(state_file):
+        try:
+            with open(state_file, encoding="utf-8") as handle:
+                json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{state_file} is not a valid {TRAINER_STATE_FILE} ({error}): the checkpoint is damaged; resume from "
+                "another checkpoint."
+            ) from error
 
 
 def _check_dataset(dataset, args: DiffusionTrainingConfig, formatting_func, name: str) -> None:
@@ -412,7 +552,9 @@ def _check_dataset(dataset, args: DiffusionTrainingConfig, formatting_func, name
         if name == "train_dataset":
             raise ValueError("`train_dataset` is required.")
         return
-    first = next(iter(dataset))
+    first = next(iter(dataset), None)
+    if first is None:
+        raise ValueError(f"`{name}` is empty (no rows); pass a dataset with at least one example.")
     usable = (
         formatting_func is not None
         or "input_ids" in first
@@ -426,6 +568,126 @@ def _check_dataset(dataset, args: DiffusionTrainingConfig, formatting_func, name
             f"`{name}` has no usable column: got columns {sorted(first)}; it needs {_USABLE_COLUMNS}. Rename the "
             "column, set `dataset_text_field`, or pass a `formatting_func`."
         )
+    if formatting_func is None and "input_ids" not in first and isinstance(dataset, Dataset):
+        text_columns = [args.dataset_text_field, "prompt", "completion", "messages", "conversations"]
+        for column in [column for column in text_columns if column in first]:
+            missing = _null_rows(dataset, column)
+            if missing:
+                raise ValueError(
+                    f"`{name}` has {len(missing)} row{'s' * (len(missing) > 1)} whose `{column}` is None (rows "
+                    f"{missing[:5]}{' ...' if len(missing) > 5 else ''}); drop or fill them, e.g. "
+                    f"`dataset.filter(lambda row: row[{column!r}] is not None)`."
+                )
+
+
+def _null_rows(dataset: Dataset, column: str) -> list[int]:
+    """The rows of `dataset` whose `column` is None (one Arrow pass, skipped when the table holds no null)."""
+    if dataset.data.column(column).null_count == 0:
+        return []
+    rows = []
+    for start, table in zip(itertools.count(0, _BATCH_ROWS), dataset.with_format("arrow").iter(_BATCH_ROWS)):
+        nulls = table.column(column).is_null().to_numpy(zero_copy_only=False)  # [batch]
+        rows += (numpy.flatnonzero(nulls) + start).tolist()
+    return rows
+
+
+def _check_prepared(
+    prepared,
+    given,
+    name: str,
+    args: DiffusionTrainingConfig,
+    *,
+    num_rows: int,
+    mask_token_id: int,
+    mask_token: str | None,
+    shift: bool,
+) -> None:
+    """Check a dataset as TRL prepared it (a `ValueError` naming the rows and the fix):
+
+    1. no row lost: TRL drops rows that truncation to `max_length` left without a target (a warning saying how many;
+       an error when none is left);
+    2. every token id inside the model's embedding matrix (`num_rows`), and no mask token in the clean data (the model
+       reads it as noise and cannot predict it: its logit is held at the lowest value, the loss is inf);
+    3. every row holds a target: a label != -100 that is not a document's first token under the shift (the diffusion
+       loss refuses a sequence without one, a batch at a time, deep in training).
+    An `IterableDataset` is not read ahead.
+    """
+    if not isinstance(prepared, Dataset):
+        return
+    # 1. rows dropped by TRL
+    dropped = len(given) - len(prepared) if isinstance(given, Dataset) and not args.packing else 0
+    fix = (
+        f"raise `max_length` (now {args.max_length}), shorten the prompts, or give every example an answer "
+        "(a completion, an assistant turn, labels != -100)"
+    )
+    if len(prepared) == 0:
+        raise ValueError(
+            f"`{name}` has no row with a target token after preparation: each of its {len(given)} rows is left "
+            f"with labels -100 only (prompt only, or its answer cut off by `max_length`), and such rows are dropped. "
+            f"To train, {fix}."
+        )
+    if dropped > 0:
+        warnings.warn(
+            f"{dropped} of {len(given)} rows of `{name}` have no target token after truncation to max_length="
+            f"{args.max_length} (only prompt is left) and were dropped; to train on them, {fix}.",
+            stacklevel=3,
+        )
+    columns = prepared.column_names
+    has_labels, has_lengths = "labels" in columns, "seq_lengths" in columns
+    out_of_range, with_mask, without_target = [], [], []
+    for start, table in zip(itertools.count(0, _BATCH_ROWS), prepared.with_format("arrow").iter(_BATCH_ROWS)):
+        ids, offsets = _flat_lists(table.column("input_ids"))  # [N], [batch + 1]
+        # 2. token ids
+        bad = numpy.flatnonzero((ids < 0) | (ids >= num_rows))[:1]  # [<=1] positions
+        out_of_range += [(int(row), int(ids[p])) for row, p in zip(_row_of(bad, offsets) + start, bad)]
+        with_mask += numpy.unique(_row_of(numpy.flatnonzero(ids == mask_token_id), offsets) + start).tolist()
+        # 3. targets
+        if has_labels:
+            labels, _ = _flat_lists(table.column("labels"))  # [N]
+            is_target = labels != -100  # [N]
+            if shift:  # the collator drops each document's first token (`DiffusionDataCollator`)
+                starts = offsets[:-1][numpy.diff(offsets) > 0]  # each row's first token
+                lengths, _ = _flat_lists(table.column("seq_lengths")) if has_lengths else (None, None)
+                if lengths is not None and lengths.sum() == len(ids):  # packed rows: every document's first token
+                    starts = numpy.concatenate([[0], numpy.cumsum(lengths)[:-1]]).astype(numpy.int64)
+                is_target[starts] = False
+            counts = numpy.concatenate([[0], numpy.cumsum(is_target)])  # [N + 1]
+            empty = numpy.flatnonzero(counts[offsets[1:]] - counts[offsets[:-1]] == 0) + start
+            without_target += empty.tolist()
+    if out_of_range:
+        row, token = out_of_range[0]
+        raise ValueError(
+            f"`{name}` holds token id {token} in `input_ids` (row {row}), outside the model's embedding matrix "
+            f"({num_rows} rows, ids 0-{num_rows - 1}): the data was tokenized with another tokenizer. Tokenize it "
+            "with the model's own (`processing_class`), or pass text."
+        )
+    if with_mask:
+        raise ValueError(
+            f"`{name}` holds the mask token {mask_token!r} (id {mask_token_id}) in `input_ids` ({len(with_mask)} "
+            f"row{'s' * (len(with_mask) > 1)}: {with_mask[:5]}{' ...' if len(with_mask) > 5 else ''}): the model "
+            "reads it as noise and cannot predict it (its logit is held at the lowest value: the loss is inf, logged "
+            f"as 0.0 under `logging_nan_inf_filter`). Remove it from the data, e.g. `text.replace({mask_token!r}, '')`."
+        )
+    if without_target:
+        kind = "packed rows" if has_lengths else "rows"
+        raise ValueError(
+            f"`{name}` has {len(without_target)} {kind} with no target token after preparation ({kind} "
+            f"{without_target[:5]}{' ...' if len(without_target) > 5 else ''} of {len(prepared)}): every label is "
+            "-100 (prompt, non-assistant or padding) or a document's first token (never a target under the shift), "
+            f"so the diffusion loss has nothing to score there. To train on them, {fix}; or drop them."
+        )
+
+
+def _row_of(positions: numpy.ndarray, offsets: numpy.ndarray) -> numpy.ndarray:
+    """The row (of a batch with row `offsets` [rows + 1]) holding each flat token position [P] -> [P]."""
+    return numpy.searchsorted(offsets, positions, side="right") - 1
+
+
+def _flat_lists(column) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """A list column of an Arrow batch as (values [N], offsets [rows + 1] from 0)."""
+    column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
 
 
 def _check_packing(dataset, args: DiffusionTrainingConfig) -> None:

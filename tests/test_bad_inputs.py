@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from conftest import MASK_ID, VOCAB_SIZE, tiny_causal_lm
+from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from test_model import lora, word_tokenizer
 from test_trainer import make_trainer
@@ -422,3 +424,121 @@ def test_a_per_block_t_follows_positions_under_left_padding():
     assert float(plain.metrics["mean_t"]) == pytest.approx(expected_mean_t)
     assert float(padded.metrics["mean_t"]) == pytest.approx(expected_mean_t)
     assert float(padded.loss) == pytest.approx(float(plain.loss), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming training from a checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(tmp_path_factory):
+    """A resumable checkpoint after one LoRA step (`make_trainer`'s model and data)."""
+    folder = tmp_path_factory.mktemp("trained")
+    make_trainer(folder, "text", max_steps=1, save_strategy="steps", save_steps=1).train()
+    return folder / "out" / "checkpoint-1"
+
+
+CHECKPOINT_CASES = {
+    "half-the-adapter": (lambda weights: dict(sorted(weights.items())[::2]), r"\d+ adapter weights missing"),
+    "no-mask-row": (
+        lambda weights: {k: v for k, v in weights.items() if "trainable_tokens" not in k},
+        r"1 adapter weights missing \(e.g. \['base_model.model.model.embed_tokens.token_adapter",
+    ),
+    "renamed-keys": (lambda weights: {f"x.{k}": v for k, v in weights.items()}, r"\d+ unexpected weights"),
+}
+
+
+RESUME_CASES = {
+    "a-saved-model": (
+        lambda folder: (folder / "trainer_state.json").unlink(),
+        r"holds no trainer_state.json: it is not a Trainer checkpoint.*checkpoint-<step>.*from_pretrained",
+    ),
+    "corrupt-trainer-state": (
+        lambda folder: (folder / "trainer_state.json").write_text("{not json"),
+        r"checkpoint-1/trainer_state.json is not a valid trainer_state.json .*resume from another checkpoint",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resuming_from_what_is_not_a_checkpoint_is_refused(tmp_path, trainer_checkpoint, case):
+    change, match = RESUME_CASES[case]
+    checkpoint = shutil.copytree(trainer_checkpoint, tmp_path / "checkpoint-1")
+    change(checkpoint)
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, "text", max_steps=2).train(resume_from_checkpoint=str(checkpoint))
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_resuming_from_a_checkpoint_that_does_not_match_is_refused(tmp_path, trainer_checkpoint, case):
+    change, match = CHECKPOINT_CASES[case]
+    checkpoint = shutil.copytree(trainer_checkpoint, tmp_path / "checkpoint-1")
+    _rewrite_adapter(checkpoint, change)
+    trainer = make_trainer(tmp_path, "text", max_steps=2)
+    with pytest.raises(ValueError, match=rf"The adapter in .*checkpoint-1 does not match.*{match}"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training data (DiffusionTrainer's boundary: before and after TRL's preparation)
+# ---------------------------------------------------------------------------------------------------------------
+
+LONG_PROMPT = " ".join(["w5"] * 40)  # longer than max_length=32: truncation leaves no answer
+DATASET_CASES = {
+    "empty": (dict(text=[]), {}, r"`train_dataset` is empty \(no rows\); pass a dataset with at least one example"),
+    "none-text": (
+        dict(text=["w4 w5", None, "w6"]),
+        {},
+        r"`train_dataset` has 1 row whose `text` is None \(rows \[1\]\); drop or fill them.*dataset.filter",
+    ),
+    "none-completion": (
+        dict(prompt=["w4", "w5"], completion=[" w6", None]),
+        {},
+        r"`train_dataset` has 1 row whose `completion` is None \(rows \[1\]\)",
+    ),
+    "all-prompt-truncated": (
+        dict(prompt=[LONG_PROMPT] * 8, completion=[" w6"] * 8),
+        {},
+        r"`train_dataset` has no row with a target token after preparation: each of its 8 rows.*raise `max_length` "
+        r"\(now 32\)",
+    ),
+    "all-prompt-packed": (
+        dict(prompt=[LONG_PROMPT] * 8, completion=[" w6"] * 8),
+        dict(packing=True),
+        r"`train_dataset` has 8 packed rows with no target token after preparation \(packed rows \[0, 1, 2, 3, 4\] "
+        r"\.\.\. of 8\).*raise `max_length`",
+    ),
+    "only-first-token-targets": (
+        dict(input_ids=[[4, 5, 6, 7]] * 3, labels=[[4, -100, -100, -100], [-100, 5, 6, -100], [4, -100, -100, -100]]),
+        {},
+        r"`train_dataset` has 2 rows with no target token after preparation \(rows \[0, 2\] of 3\).*first token",
+    ),
+    "token-id-too-large": (
+        dict(input_ids=[[4, 5, 6, 7]] * 7 + [[4, 5, 500, 7]]),
+        {},
+        r"`train_dataset` holds token id 500 in `input_ids` \(row 7\), outside the model's embedding matrix "
+        r"\(128 rows, ids 0-127\).*`processing_class`",
+    ),
+    "negative-token-id": (dict(input_ids=[[4, -1, 6, 7]]), {}, r"holds token id -1 in `input_ids` \(row 0\)"),
+    "mask-token-in-text": (
+        dict(text=["w4 w5 w6", "w4 <|mask|> w6"]),
+        {},
+        r"`train_dataset` holds the mask token '<\|mask\|>' \(id 120\) in `input_ids` \(1 row: \[1\]\).*Remove it",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATASET_CASES))
+def test_trainer_refuses_training_data(tmp_path, case):
+    columns, overrides, match = DATASET_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, train_dataset=Dataset.from_dict(columns), **overrides)
+
+
+def test_trainer_says_how_many_rows_truncation_left_without_a_target(tmp_path):
+    data = Dataset.from_dict({"prompt": [LONG_PROMPT] * 2 + ["w7"] * 6, "completion": [" w6"] * 8})
+    with pytest.warns(UserWarning, match=r"2 of 8 rows of `train_dataset` have no target token after truncation to "
+                      r"max_length=32 \(only prompt is left\) and were dropped"):  # fmt: skip
+        trainer = make_trainer(tmp_path, train_dataset=data)
+    assert len(trainer.train_dataset) == 6

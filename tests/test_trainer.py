@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MASK_ID, tiny_causal_lm
+from conftest import MASK_ID, VOCAB_SIZE, tiny_causal_lm
 from datasets import Dataset
 from peft import LoraConfig
+from safetensors.torch import load_file
 from test_model import word_tokenizer
 from transformers import TrainerCallback
 
@@ -103,7 +107,7 @@ def make_trainer(
     return DiffusionTrainer(
         base if base is not None else tiny_causal_lm("llama"),
         args=training_args(tmp_path, **overrides),
-        train_dataset=train_dataset or dataset(kind),
+        train_dataset=dataset(kind) if train_dataset is None else train_dataset,
         processing_class=tokenizer,
         diffusion_config=DiffusionConfig(attention=attention, block_size=4),
         peft_config=lora() if peft else None,
@@ -331,6 +335,132 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [entry["loss"] for entry in resumed.state.log_history if "loss" in entry] == pytest.approx(losses, 1e-5)
 
 
+def tied_trainer(base_folder, folder, **overrides):
+    """The CLI's default model in small: a base folder with tied embeddings and no mask token in its tokenizer, so
+    the embedding grows by one row, trained through PEFT's trainable tokens on both tied layers."""
+    return DiffusionTrainer(
+        str(base_folder),
+        args=training_args(folder, **overrides),
+        train_dataset=dataset("text"),
+        processing_class=word_tokenizer(vocab_size=VOCAB_SIZE),  # every row taken: the mask token is added
+        diffusion_config=DiffusionConfig(attention="block", block_size=4),
+        peft_config=lora(),
+    )
+
+
+def test_resume_equals_uninterrupted_on_a_tied_base_with_an_added_mask_token(tmp_path):
+    tiny_causal_lm("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "base")
+    common = dict(max_steps=3, save_strategy="steps", save_steps=2, packing=True)
+    uninterrupted = tied_trainer(tmp_path / "base", tmp_path / "a", **common)
+    causal_lm = uninterrupted.model.causal_lm
+    assert causal_lm.config.tie_word_embeddings and uninterrupted.model.config.mask_token_id == VOCAB_SIZE
+    uninterrupted.train()
+
+    interrupted = tied_trainer(tmp_path / "base", tmp_path / "b", **common)
+    interrupted.add_callback(StopAt(2))
+    interrupted.train()
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-2"
+    # the adapter alone: LoRA and the mask row, not the embedding matrices
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+    assert all("lora_" in name or "trainable_tokens_delta" in name for name in saved), sorted(saved)
+
+    resumed = tied_trainer(tmp_path / "base", tmp_path / "b", **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3
+    expected, got = lora_weights(uninterrupted.model), lora_weights(resumed.model)
+    assert expected.keys() == got.keys() and any("trainable_tokens" in name for name in expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+    losses = [entry["loss"] for entry in uninterrupted.state.log_history if "loss" in entry]
+    assert [entry["loss"] for entry in resumed.state.log_history if "loss" in entry] == pytest.approx(losses, 1e-5)
+
+
+def test_resume_from_a_checkpoint_holding_peft_embedding_layers(tmp_path):
+    """A stock PEFT save of the tied model holds both embedding matrices and the output layer's copy of the mask row
+    (`save_embedding_layers`): they are the base's frozen rows and the adapter's own row, and resuming reads the
+    adapter's weights exactly."""
+    tiny_causal_lm("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "base")
+    trained = tied_trainer(tmp_path / "base", tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    trained.train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    trained.model.model.save_pretrained(checkpoint, save_embedding_layers=True)
+    assert "base_model.model.lm_head.token_adapter.trainable_tokens_delta" in load_file(
+        checkpoint / "adapter_model.safetensors"
+    )
+    resumed = tied_trainer(tmp_path / "base", tmp_path, max_steps=1)
+    resumed.train(resume_from_checkpoint=str(checkpoint))  # at max_steps already: loads and stops
+    expected, got = lora_weights(trained.model), lora_weights(resumed.model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+
+
+class CtrlC(TrainerCallback):
+    """Presses Ctrl-C `times` times during optimizer step `step` (1-based), through the SIGINT handler in place
+    (`real=False`) or by raising a real SIGINT in the process (`real=True`)."""
+
+    def __init__(self, step, times=1, real=False):
+        self.step, self.times, self.real = step, times, real
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            for _ in range(self.times):
+                if self.real:
+                    signal.raise_signal(signal.SIGINT)
+                else:
+                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path):
+    common = dict(max_steps=4, packing=True)  # save_strategy="no": nothing would be saved otherwise
+    uninterrupted = make_trainer(tmp_path / "a", "text", **common)
+    uninterrupted.train()
+
+    handler = signal.getsignal(signal.SIGINT)
+    interrupted = make_trainer(tmp_path / "b", "text", **common)
+    interrupted.add_callback(CtrlC(step=2))
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-2"
+    with pytest.raises(KeyboardInterrupt, match=rf"after step 2 of 4.*resume_from_checkpoint='{checkpoint}'"):
+        interrupted.train()
+    assert signal.getsignal(signal.SIGINT) is handler  # installed only for the duration of train()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 2  # the step finished
+    assert {"adapter_model.safetensors", "optimizer.pt", "rng_state.pth"} <= set(os.listdir(checkpoint))
+    assert sorted((tmp_path / "b" / "out").glob("checkpoint-*")) == [checkpoint]
+
+    # resumed in a worker thread: no handler there (signals reach only the main thread), training is the same
+    resumed = make_trainer(tmp_path / "b", "text", **common)
+    thread = threading.Thread(target=resumed.train, kwargs={"resume_from_checkpoint": str(checkpoint)})
+    thread.start()
+    thread.join()
+    assert resumed.state.global_step == 4
+    expected, got = lora_weights(uninterrupted.model), lora_weights(resumed.model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+    losses = [entry["loss"] for entry in uninterrupted.state.log_history if "loss" in entry]
+    assert [entry["loss"] for entry in resumed.state.log_history if "loss" in entry] == pytest.approx(losses, 1e-5)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, caplog):
+    handler = signal.getsignal(signal.SIGINT)
+    trainer = make_trainer(tmp_path, "text", max_steps=4, packing=True)
+    trainer.add_callback(CtrlC(step=2, times=2))
+    with pytest.raises(KeyboardInterrupt) as raised, caplog.at_level(logging.WARNING, "peft_diffusion.trainer"):
+        trainer.train()
+    # the first press was caught and said what happens next; the second one stopped the step
+    assert "finishing the current optimizer step" in caplog.text and "Ctrl-C again stops at once" in caplog.text
+    assert "checkpoint" not in str(raised.value) and trainer.state.global_step == 1
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="SIGINT needs the main thread")
+def test_a_real_sigint_saves_a_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, "text", max_steps=4, packing=True)
+    trainer.add_callback(CtrlC(step=3, real=True))
+    with pytest.raises(KeyboardInterrupt, match=r"after step 3 of 4; saved a resumable checkpoint"):
+        trainer.train()
+    assert (tmp_path / "out" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+
+
 def test_push_to_hub_uploads_what_from_pretrained_loads(tmp_path, monkeypatch):
     import transformers.trainer as hf_trainer
 
@@ -424,7 +554,7 @@ def test_bad_trainer_arguments(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_two_processes_with_accelerate(tmp_path):
+def launch_two_processes(tmp_path, *script_args):
     pytest.importorskip("accelerate")
     # `--cpu` makes accelerate 1.15 run a single process; torchrun (`--multi_gpu`) with ACCELERATE_USE_CPU gives
     # two CPU processes on gloo.
@@ -434,14 +564,28 @@ def test_two_processes_with_accelerate(tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
-        str(SCRIPTS / "ddp_train.py"), str(tmp_path),
+        str(SCRIPTS / "ddp_train.py"), str(tmp_path), *script_args,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_two_processes_with_accelerate(tmp_path):
+    reports = launch_two_processes(tmp_path)
     assert [r["world_size"] for r in reports] == [2, 2]
-    assert all(r["global_step"] == 2 and r["changed"] for r in reports)
+    assert all(r["global_step"] == 2 and r["changed"] and r["interrupted"] is None for r in reports)
     # both ranks hold the same synchronised weights, and the result was saved once (by rank 0)
     assert reports[0]["checksum"] == pytest.approx(reports[1]["checksum"])
     assert sorted(os.listdir(tmp_path / "out" / "final")).count("adapter_model.safetensors") == 1
     assert (tmp_path / "saves.log").read_text().splitlines() == ["0"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    reports = launch_two_processes(tmp_path, "interrupt")  # a hang or a mismatch would fail the launch
+    assert [r["global_step"] for r in reports] == [2, 2]
+    assert all("after step 2 of 4; saved a resumable checkpoint" in r["interrupted"] for r in reports)
+    assert reports[0]["checksum"] == pytest.approx(reports[1]["checksum"])
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "saves.log").read_text().splitlines() == ["0", "0"]  # the checkpoint, then the final model
