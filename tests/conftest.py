@@ -47,6 +47,15 @@ def tiny_causal_lm(model_type: str = "llama", attn_implementation: str = "eager"
         pytest.skip(f"transformers has no {attn_implementation} path for {model_type}")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread: intra-op threads only contend on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def stories_path():
     if not STORIES_260K.is_dir():

@@ -34,14 +34,6 @@ STORIES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def chat_tokenizer():
     tokenizer = word_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -35,15 +35,6 @@ CONTEXT = [5, 17, 42]
 CONTINUATION = [9, 33, 71, 12]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on a busy 2-core machine are 30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def subset_logprobs(model, ids, start, end):
     """`{S: log p(ids_i | ids with S masked) for every i}` over all non-empty subsets S of [start, end), in one

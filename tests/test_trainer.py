@@ -34,15 +34,6 @@ CHAT_TEMPLATE = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only contend (100x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def words(rng, low=4, high=14):
     return " ".join(f"w{rng.randrange(4, 100)}" for _ in range(rng.randrange(low, high)))
 
