@@ -22,6 +22,8 @@ a message naming the hook when the host changes under it. Everything else in the
 | `CheckpointLoading`         | `Trainer._load_from_checkpoint(checkpoint, model)` and                 | 5.23, 5.24 |
 |                             | `Trainer._load_best_model()`, the only places a resume / best-model    |            |
 |                             | load can be intercepted                                                |            |
+| `generation_defaults`       | `GenerationConfig._get_default_generation_params()`: the values        | 5.23, 5.24 |
+|                             | `generate` gives fields left unset (`temperature`, `top_k`, `top_p`)   |            |
 
 Not hooks any more (public routes used instead): the sdpa/eager/flex materialisers are read with public indexing
 (`ALL_MASK_ATTENTION_FUNCTIONS[name]`) and replaced with the public `AttentionMaskInterface.register`; optional files
@@ -237,6 +239,32 @@ class CheckpointLoading:
 
 
 _check_checkpoint_hooks()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation_defaults: what `generate` uses for unset generation-config fields
+# ----------------------------------------------------------------------------------------------------------------
+
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p")
+
+
+def generation_defaults() -> dict:
+    """transformers' `generate` values for the sampling fields a generation config leaves unset (`None`):
+    `temperature`, `top_k`, `top_p` (1.0, 50, 1.0 in 5.23/5.24).
+
+    `generate` fills unset fields from `GenerationConfig._get_default_generation_params()` (private) before building
+    its logits warpers; speculative sampling must build the same warpers to sample the base's distribution.
+    """
+    from transformers import GenerationConfig
+
+    getter = getattr(GenerationConfig, "_get_default_generation_params", None)
+    if getter is None:
+        raise HostCompatibilityError("generation_defaults", "GenerationConfig._get_default_generation_params is gone")
+    defaults = getter()
+    missing = [name for name in _SAMPLING_FIELDS if defaults.get(name) is None]
+    if missing:
+        raise HostCompatibilityError("generation_defaults", f"generate no longer gives defaults for {missing}")
+    return {name: defaults[name] for name in _SAMPLING_FIELDS}
 
 
 # ----------------------------------------------------------------------------------------------------------------
