@@ -19,6 +19,7 @@ from .evaluation import (
 )
 from .generation import DiffusionGenerateOutput, DiffusionGenerationConfig
 from .model import DiffusionLM, DiffusionLMOutput
+from .speculation import SpeculativeGenerateOutput, speculative_generate
 from .trainer import DiffusionTrainer
 from .training_config import DiffusionTrainingConfig
 
@@ -44,5 +45,7 @@ __all__ = [
     "loglikelihood_batch",
     "nll_per_token",
     "self_distilled_dataset",
+    "SpeculativeGenerateOutput",
+    "speculative_generate",
     "__version__",
 ]

@@ -454,8 +454,18 @@ class DiffusionLM(PreTrainedModel):
         return True
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
-        """Parallel denoising; see `peft_diffusion.generation.generate` for the arguments."""
+    def generate(
+        self, input_ids: torch.LongTensor | None = None, *, speculative: bool = False, verifier=None, **kwargs
+    ):
+        """Parallel denoising; see `peft_diffusion.generation.generate` for the arguments. With `speculative=True`,
+        the base model's own output, drafted by the adapter and verified by the base (or by `verifier`, a causal LM):
+        see `peft_diffusion.speculation.speculative_generate`."""
+        if speculative:
+            from .speculation import speculative_generate
+
+            return speculative_generate(self, input_ids, verifier=verifier, **kwargs)
+        if verifier is not None:
+            raise ValueError("`verifier` is only used with `speculative=True`; pass both, or neither.")
         from .generation import generate
 
         return generate(self, input_ids, **kwargs)
@@ -463,6 +473,10 @@ class DiffusionLM(PreTrainedModel):
     @torch.no_grad()
     def infill(self, *args, **kwargs):
         """Fill gaps between fixed text (bidirectional attention); see `peft_diffusion.generation.infill`."""
+        if kwargs.pop("speculative", False):
+            raise ValueError(
+                "`speculative=True` is for left-to-right generation (`generate`); `infill` fills gaps by denoising."
+            )
         from .generation import infill
 
         return infill(self, *args, **kwargs)
