@@ -76,6 +76,8 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -270,7 +272,7 @@ def _resolve_verifier(model, verifier) -> tuple[PreTrainedModel, Callable, int]:
         original = fingerprint.get("vocab_size")
         # A mask token added for the conversion is a row the original base never had: it is not scored.
         vocab_size = original if original is not None and mask_token_id >= original else drafter_vocab
-        return model.causal_lm, model.model.disable_adapter, vocab_size
+        return model.causal_lm, _AdapterSwitch(model.model), vocab_size
     if (
         not isinstance(verifier, PreTrainedModel)
         or type(verifier).__name__ == "DiffusionLM"
@@ -287,6 +289,32 @@ def _resolve_verifier(model, verifier) -> tuple[PreTrainedModel, Callable, int]:
             f"{mask_token_id}); pass the causal LM the model was converted from."
         )
     return verifier, contextlib.nullcontext, vocab_size
+
+
+class _AdapterSwitch:
+    """`PeftModel.disable_adapter()` as a reusable context, without its per-call scan of the model.
+
+    `disable_adapter()` checks the status of every adapter layer (`get_model_status`) and walks the module tree twice
+    on each entry: a verification forward of stories260K took 8.5 ms through it against 3.3 ms here (the base alone:
+    2.1 ms). Here the layers it switches (`BaseTunerLayer`, `AuxiliaryTrainingWrapper`, e.g. the mask-token row) are
+    found once and switched with their public `enable_adapters`, the calls `disable_adapter()` makes; they are
+    switched back on when the context exits, also on an error.
+    """
+
+    def __init__(self, peft_model: PeftModel):
+        self.layers = [
+            module for module in peft_model.modules() if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+        ]
+
+    @contextlib.contextmanager
+    def __call__(self):
+        for layer in self.layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.enable_adapters(True)
 
 
 @dataclass(frozen=True)

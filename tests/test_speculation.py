@@ -105,6 +105,16 @@ def test_an_untrained_adapter_already_drafts_accepted_tokens():
     assert out.base_forwards < 24
 
 
+def test_the_adapter_is_on_again_after_a_call():
+    reference, model = base_and_model("llama")
+    probe = torch.tensor([[1, 5, 6, MASK_ID, MASK_ID]])
+    before = model(probe).logits
+    model.generate(**inputs(4), max_new_tokens=6, speculative=True, block_length=4)
+    assert torch.equal(model(probe).logits, before)
+    assert model.model.get_model_status().enabled is True
+    assert not torch.allclose(model.causal_lm(probe).logits, reference(probe).logits)
+
+
 def test_full_finetune_with_verifier():
     base = tiny_causal_lm("qwen2")
     original = copy.deepcopy(base)
