@@ -1,0 +1,189 @@
+"""Self-speculative decoding against the base's HF greedy `generate`: accepted tokens per base forward and tokens/s.
+
+Methods, on the same prompts, greedy, every row producing exactly `--max-new-tokens` tokens (EOS does not stop):
+  - `ar`: the original causal LM's HF `generate` with its KV cache, one token per forward (the baseline);
+  - `spec-W<w>`: `model.generate(speculative=True, block_length=w, steps=--steps)`: the adapter drafts `w` tokens,
+    the base (adapter disabled) verifies them in one forward.
+Each prompt alone (batch 1, the sums over the prompts are reported), then all prompts together (left-padded batch).
+Calls alternate between the methods, each keeps its best time of `--rounds` (the machine is shared). Reported:
+tokens/s, the ratio to `ar`, base and drafter forwards, tokens per base forward (accepted draft tokens + 1 per
+verification) and whether the text is identical to `ar`'s (it must be).
+
+The adapter: untrained by default (a zero-initialised LoRA, so the drafter is the base itself under block attention
+reading mask tokens), `--train-steps N` trains it briefly first (`DiffusionTrainer`, block attention, LoRA r=16, on
+stories sampled from the AR checkpoint: `benchmarks/replication/common.py`, cached under `--cache`), or `--adapter`
+loads a saved one.
+
+    python benchmarks/speculative.py                          # stories260K, untrained adapter, CPU, 1 thread
+    python benchmarks/speculative.py --train-steps 300        # a briefly trained adapter
+    python benchmarks/speculative.py --model ~/.cache/peft_diffusion/SmolLM2-135M-Instruct --adapter runs/quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a source checkout without an install
+
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+STORY_PROMPTS = ["Once upon a time", "Lily and her dog went to the park", "The sun was", "Tom had a red ball and"]
+
+
+def build(args):
+    """(the original causal LM, the diffusion LM with its adapter, the tokenizer, a description of the adapter)."""
+    from peft import LoraConfig
+
+    from peft_diffusion import DiffusionConfig, DiffusionLM, get_diffusion_model
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    ar = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=args.attn).eval()
+    if args.adapter:
+        base = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=args.attn)
+        return ar, DiffusionLM.from_pretrained(args.adapter, base_model=base).eval(), tokenizer, args.adapter
+    if args.train_steps:
+        sys.path.insert(0, str(REPO / "benchmarks" / "replication"))
+        import common
+
+        spec = common.RunSpec(
+            name=f"speculative-drafter-b{args.block_size}",
+            attention="block",
+            block_size=args.block_size,
+            lora_r=16,
+            max_steps=args.train_steps,
+            eval_steps=args.train_steps,
+        )
+        corpus = common.load_corpus(Path(args.cache))
+        model, payload = common.get_trained(spec, corpus, Path(args.cache) / "models")
+        seconds = payload.get("train_seconds", 0.0)
+        return ar, model.eval(), tokenizer, f"LoRA r=16 trained {args.train_steps} steps ({seconds:.0f}s)"
+    base = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=args.attn)
+    config = DiffusionConfig(attention="block", block_size=args.block_size)
+    lora = LoraConfig(r=16, target_modules="all-linear")  # B = 0: the drafter starts as the base itself
+    model = get_diffusion_model(base, config, tokenizer=tokenizer, peft_config=lora).eval()
+    return ar, model, tokenizer, "untrained LoRA r=16 (zero-initialised)"
+
+
+def runners(ar, model, batch, args) -> dict:
+    """The timed calls, by name; each returns `(sequences, base_forwards, drafter_forwards)`."""
+    new = args.max_new_tokens
+
+    def ar_run():
+        sequences = ar.generate(**batch, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return sequences, sequences.shape[1] - batch["input_ids"].shape[1], 0
+
+    def spec_run(block_length):
+        def run():
+            out = model.generate(
+                **batch,
+                max_new_tokens=new,
+                speculative=True,
+                block_length=block_length,
+                steps=args.steps,
+                eos_token_id=[],
+                return_dict_in_generate=True,
+            )
+            return out.sequences, out.base_forwards, out.drafter_forwards
+
+        return run
+
+    table = {"ar": ar_run}
+    table.update({f"spec-W{width}": spec_run(width) for width in args.block_lengths})
+    return table
+
+
+def measure(ar, model, batches: list[dict], args, label: str) -> list[dict]:
+    """Run every method on every batch; times are the best of `--rounds`, summed over the batches."""
+    results, best = {}, {}
+    for index, batch in enumerate(batches):
+        runs = runners(ar, model, batch, args)
+        for name, run in runs.items():
+            results[(name, index)] = run()  # warm-up, and the outputs
+            best[(name, index)] = float("inf")
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                best[(name, index)] = min(best[(name, index)], time.perf_counter() - start)
+    rows = []
+    names = list(runners(ar, model, batches[0], args))
+    ar_speed = None
+    for name in names:
+        seconds = sum(best[(name, index)] for index in range(len(batches)))
+        tokens = sum(results[(name, index)][0].shape[0] * args.max_new_tokens for index in range(len(batches)))
+        base_forwards = sum(results[(name, index)][1] for index in range(len(batches)))
+        drafter_forwards = sum(results[(name, index)][2] for index in range(len(batches)))
+        identical = all(
+            torch.equal(results[(name, index)][0], results[("ar", index)][0]) for index in range(len(batches))
+        )
+        rows_per_batch = batches[0]["input_ids"].shape[0]
+        speed = tokens / seconds
+        ar_speed = ar_speed or speed
+        rows.append(
+            dict(
+                setting=label,
+                method=name,
+                tokens_per_second=speed,
+                ratio_to_ar=speed / ar_speed,
+                base_forwards=base_forwards,
+                drafter_forwards=drafter_forwards,
+                tokens_per_base_forward=tokens / rows_per_batch / base_forwards,
+                identical=identical,
+            )
+        )
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "stories260K"))
+    parser.add_argument("--adapter", default=None, help="a saved diffusion adapter folder for --model")
+    parser.add_argument("--train-steps", type=int, default=0, help="train the adapter this many steps first")
+    parser.add_argument("--cache", default="/tmp/peft_diffusion_replication", help="corpus and trained adapters")
+    parser.add_argument("--block-size", type=int, default=4, help="attention block size of a new adapter")
+    parser.add_argument("--block-lengths", type=int, nargs="+", default=[4, 8], help="draft lengths W")
+    parser.add_argument("--steps", type=int, default=1, help="denoising steps per draft")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    ar, model, tokenizer, adapter = build(args)
+    singles = [dict(tokenizer([text], return_tensors="pt")) for text in STORY_PROMPTS]
+    together = [dict(tokenizer(STORY_PROMPTS, return_tensors="pt", padding=True))]
+    rows = measure(ar, model, singles, args, "batch 1") + measure(
+        ar, model, together, args, f"batch {len(STORY_PROMPTS)}"
+    )
+
+    print(
+        f"model {args.model}, adapter: {adapter}, {args.max_new_tokens} new tokens per prompt, greedy, "
+        f"{args.threads} thread(s), steps per draft {args.steps}, torch {torch.__version__}"
+    )
+    print(
+        f"{'setting':9} {'method':9} {'tokens/s':>9} {'x ar':>6} {'base fwd':>9} {'draft fwd':>10} "
+        f"{'tok/base fwd':>13} {'identical':>10}"
+    )
+    for row in rows:
+        print(
+            f"{row['setting']:9} {row['method']:9} {row['tokens_per_second']:9.1f} {row['ratio_to_ar']:6.2f} "
+            f"{row['base_forwards']:9d} {row['drafter_forwards']:10d} {row['tokens_per_base_forward']:13.2f} "
+            f"{str(row['identical']):>10}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"adapter": adapter, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
