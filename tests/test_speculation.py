@@ -12,7 +12,7 @@ from peft import LoraConfig
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from peft_diffusion import DiffusionConfig, SpeculativeGenerateOutput, get_diffusion_model
+from peft_diffusion import DiffusionConfig, SpeculativeGenerateOutput, _compat, get_diffusion_model
 from peft_diffusion import speculation as speculation_module
 from peft_diffusion.speculation import _Speculator
 
@@ -216,13 +216,15 @@ def check_caches(speculator):
     with torch.no_grad():
         with speculator.verifier_context():
             position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-            fresh_base = speculator.verifier(
-                input_ids=tokens,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=DynamicCache(),
-                use_cache=True,
-            ).cache
+            fresh_base = _compat.output_cache(
+                speculator.verifier(
+                    input_ids=tokens,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=True,
+                    **{_compat.CACHE_KWARG: DynamicCache()},  # `cache` from transformers 5.24
+                )
+            )
         fresh_draft = speculator.model(
             input_ids=tokens, attention_mask=attention_mask, cache=DynamicCache(), use_cache=True
         ).cache
@@ -407,8 +409,6 @@ def test_sampling_matches_the_base_distribution(block_size, block_length, steps)
 
 def test_sampling_defaults_follow_hf_generate():
     """Unset top_k takes transformers' default (50), as `generate` does."""
-    from peft_diffusion import _compat
-
     defaults = _compat.generation_defaults()
     assert defaults == {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
     warpers = speculation_module._warpers(GenerationConfig(do_sample=True), GenerationConfig())
