@@ -432,6 +432,14 @@ def test_output_fields():
     assert bool(((out.accepted.clamp(min=0) + 1) * (out.accepted >= 0)).sum(0).ge(10).all())
 
 
+def test_refused_generation_fields_exist():
+    """Every field refused for changing the distribution is a real `GenerationConfig` field, neutral by default."""
+    config = GenerationConfig()
+    for name, neutral in speculation_module._UNSUPPORTED_FIELDS.items():
+        assert hasattr(config, name), name
+        assert getattr(config, name) in (None, neutral), name
+
+
 @pytest.fixture(scope="module")
 def lora_model():
     return convert(tiny_causal_lm("llama"))
