@@ -169,7 +169,8 @@ def speculative_generate(
             the drafter's (or the drafter's without an added mask-token row).
         kwargs: fields of `DiffusionGenerationConfig`, read as follows. `max_new_tokens` (required);
             `block_length` (`W`, the draft length, defaults to the model's `block_size`, a multiple of it);
-            `steps` (denoising steps per draft, defaults to 1, a one-shot draft; at most `block_length`); `sampler`
+            `steps` (denoising steps per draft, defaults to 1, a one-shot draft; at most `block_length`; read from
+            this call only, since the model's generation config holds plain decoding's per-answer `steps`); `sampler`
             and `threshold` (which draft positions a greedy step commits, as in `generate`); `do_sample`,
             `temperature`, `top_k`, `top_p` (applied to the base's distribution exactly as transformers' `generate`
             applies them; unset ones take the verifier's generation config, then transformers' defaults 1.0, 50,
@@ -196,9 +197,12 @@ def speculative_generate(
     (True, True)
     ```
     """
+    # `steps` is per draft here: a `steps` stored in the model's generation config is plain decoding's per-answer
+    # budget, so only the call's own value counts.
+    steps = kwargs.get("steps", getattr(generation_config, "steps", None))
     config = _resolve_config(model, generation_config, kwargs)
     verifier_model, verifier_context, vocab_size = _resolve_verifier(model, verifier)
-    settings = _Settings.resolve(model, config, verifier_model, vocab_size, generator)
+    settings = _Settings.resolve(model, config, steps, verifier_model, vocab_size, generator)
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("`input_ids` must be a `(batch_size, prompt_length)` LongTensor of prompts.")
     if attention_mask is None:
@@ -336,7 +340,9 @@ class _Settings:
     generator: torch.Generator | None
 
     @classmethod
-    def resolve(cls, model, config: DiffusionGenerationConfig, verifier, vocab_size: int, generator) -> _Settings:
+    def resolve(
+        cls, model, config: DiffusionGenerationConfig, steps: int | None, verifier, vocab_size: int, generator
+    ) -> _Settings:
         if config.max_new_tokens is None:
             raise ValueError("`max_new_tokens` is required, got None; pass e.g. max_new_tokens=128.")
         block_size = model.config.block_size
@@ -346,10 +352,10 @@ class _Settings:
                 f"`block_length` must be a multiple of the model's block_size (its attention blocks), got "
                 f"block_length={block_length} and block_size={block_size}; use block_length={block_size}."
             )
-        steps = config.steps or 1
-        if steps > block_length:
+        steps = steps or 1
+        if not isinstance(steps, int) or steps < 1 or steps > block_length:
             raise ValueError(
-                f"`steps` (denoising steps per draft) must be at most block_length={block_length}, got "
+                f"`steps` (denoising steps per draft) must be an integer in [1, block_length={block_length}], got "
                 f"steps={steps}; use steps=1 for a one-shot draft."
             )
         if config.output_history:

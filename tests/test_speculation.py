@@ -105,6 +105,19 @@ def test_an_untrained_adapter_already_drafts_accepted_tokens():
     assert out.base_forwards < 24
 
 
+def test_stored_plain_decoding_steps_are_not_draft_steps():
+    """The model's generation config may hold plain decoding's per-answer `steps`; a draft takes the call's."""
+    reference, model = base_and_model("llama")
+    model.generation_config.steps = 64
+    expected = reference.generate(**inputs(1), max_new_tokens=8, do_sample=False)
+    out = model.generate(**inputs(1), max_new_tokens=8, speculative=True, block_length=4, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected) and out.drafter_forwards == out.base_forwards
+    out = model.generate(
+        **inputs(1), max_new_tokens=8, speculative=True, block_length=4, steps=2, return_dict_in_generate=True
+    )
+    assert torch.equal(out.sequences, expected) and out.drafter_forwards > out.base_forwards
+
+
 def test_the_adapter_is_on_again_after_a_call():
     reference, model = base_and_model("llama")
     probe = torch.tensor([[1, 5, 6, MASK_ID, MASK_ID]])
@@ -449,7 +462,7 @@ def lora_model():
     "kwargs, match",
     [
         (dict(block_length=3), "multiple of the model's block_size"),
-        (dict(block_length=2, steps=3), "at most block_length=2"),
+        (dict(block_length=2, steps=3), "block_length=2"),
         (dict(output_history=True), "output_history"),
         (dict(do_sample=True, threshold=0.9), "threshold"),
         (dict(repetition_penalty=1.3), "repetition_penalty"),
