@@ -84,7 +84,14 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from transformers.utils import ModelOutput
 
 from . import _compat, samplers
-from .generation import DiffusionGenerationConfig, _check_left_padding, _resolve_config
+from .generation import (
+    DiffusionGenerationConfig,
+    _check_left_padding,
+    _check_positions,
+    _check_prompt_lengths,
+    _check_token_ids,
+    _resolve_config,
+)
 from .samplers import get_sampler
 
 __all__ = ["SpeculativeGenerateOutput", "speculative_generate"]
@@ -208,17 +215,11 @@ def speculative_generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     _check_left_padding(attention_mask)
+    _check_token_ids(model, input_ids[attention_mask.bool()], "`input_ids`")
     prompt_lengths = attention_mask.long().sum(-1)  # [B]
-    if bool((prompt_lengths == 0).any()):
-        raise ValueError("Every prompt needs at least one real token, got a row of padding only in `attention_mask`.")
-    longest = int(prompt_lengths.max())
-    limit = getattr(verifier_model.config.get_text_config(), "max_position_embeddings", None)
-    if limit is not None and longest + settings.max_new_tokens > limit:
-        raise ValueError(
-            f"The prompt ({longest} tokens) + max_new_tokens ({settings.max_new_tokens}) = "
-            f"{longest + settings.max_new_tokens} tokens exceeds the verifier's max_position_embeddings={limit}; "
-            f"shorten the prompt or lower max_new_tokens."
-        )
+    _check_prompt_lengths(prompt_lengths)
+    longest, new = int(prompt_lengths.max()), settings.max_new_tokens
+    _check_positions(model, longest + new, f"the prompt ({longest} tokens) + max_new_tokens ({new})")
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(
             f"`streamer` supports batch size 1, got batch_size={input_ids.shape[0]}; stream one prompt at a time."

@@ -467,7 +467,7 @@ def lora_model():
         (dict(do_sample=True, threshold=0.9), "threshold"),
         (dict(repetition_penalty=1.3), "repetition_penalty"),
         (dict(max_new_tokens=None), "max_new_tokens"),
-        (dict(max_new_tokens=200), "max_position_embeddings"),
+        (dict(max_new_tokens=200), "context window"),
         (dict(verifier=torch.nn.Linear(2, 2)), "must be a transformers causal LM"),
         (dict(verifier=tiny_causal_lm("llama", vocab_size=64)), "share the drafter's vocabulary"),
         (dict(steps_typo=2), "Unknown arguments"),
@@ -498,11 +498,13 @@ def test_bad_input_model_and_call(lora_model):
         lora_model.infill(torch.tensor([[1, MASK_ID, 3]]), speculative=True)
     with pytest.raises(ValueError, match="batch size 1"):
         lora_model.generate(**inputs(4), max_new_tokens=4, speculative=True, streamer=Recorder())
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        lora_model.generate(torch.tensor([[1, 500]]), max_new_tokens=4, speculative=True)
     with pytest.raises(ValueError, match="left padding"):
         lora_model.generate(
             torch.tensor([[1, 2, 0]]), attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=4, speculative=True
         )
-    with pytest.raises(ValueError, match="at least one real token"):
+    with pytest.raises(ValueError, match="empty prompt"):
         lora_model.generate(
             torch.tensor([[0, 0], [1, 2]]),
             attention_mask=torch.tensor([[0, 0], [1, 1]]),
