@@ -9,6 +9,7 @@ in `decoding.py`'s docstring.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ _DIFFUSION_FIELDS = {
     "block_length": None,
     "sampler": "confidence",
     "threshold": None,
+    "entropy_bound": None,
     "output_history": False,
 }
 
@@ -61,6 +63,10 @@ class DiffusionGenerationConfig(GenerationConfig):
             Fast-dLLM parallel decoding, in `(0, 1]`: a step commits every masked position whose score reaches it,
             and at least the number the plan gives the step (which is then a minimum), so confident blocks end in
             fewer steps.
+        entropy_bound (`float`, *optional*):
+            The entropy-bounded (EB) sampler: a step commits masked positions in the sampler's order while their
+            summed entropy, less the largest, stays within this budget (nats; `samplers.select_entropy_bound`), and at
+            least the planned number. Not together with `threshold`.
         output_history (`bool`, defaults to `False`):
             Return the answer canvas after every step (`history`, needs `return_dict_in_generate=True`).
 
@@ -92,6 +98,15 @@ class DiffusionGenerationConfig(GenerationConfig):
                 f"`threshold` must be in (0, 1], got threshold={threshold}; use e.g. 0.9, or None for a fixed "
                 "number of tokens per step."
             )
+        bound = getattr(self, "entropy_bound", None)
+        if bound is not None:
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound < 0:
+                raise ValueError(f"`entropy_bound` must be a finite number >= 0 (nats), got entropy_bound={bound!r}.")
+            if threshold is not None:
+                raise ValueError(
+                    f"Pass one adaptive rule: `threshold` or `entropy_bound`, got threshold={threshold} and "
+                    f"entropy_bound={bound}."
+                )
         sampler = getattr(self, "sampler", "confidence")
         if isinstance(sampler, str) and sampler not in SAMPLERS:
             raise ValueError(
@@ -424,6 +439,7 @@ def _step_function(config: DiffusionGenerationConfig, generator: torch.Generator
         samplers.step,
         sampler=get_sampler(config.sampler),
         threshold=config.threshold,
+        entropy_bound=config.entropy_bound,
         temperature=0.0 if greedy else (1.0 if config.temperature is None else config.temperature),
         top_k=None if greedy else config.top_k,
         top_p=None if greedy else config.top_p,

@@ -411,6 +411,59 @@ def select_threshold(
     return commit | select_topk(confidence, is_masked, at_least)  # [B, L]
 
 
+def select_entropy_bound(
+    confidence: torch.Tensor,
+    entropy: torch.Tensor,
+    is_masked: torch.Tensor,
+    bound: float,
+    num_to_commit: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Entropy-bounded selection (the EB sampler, Ben-Hamu et al. 2025): commit masked positions in the sampler's
+    order while the summed entropy of the chosen set, less its largest entropy, stays within `bound`.
+
+    With positions sorted by decreasing `confidence`, the chosen prefix `U` is the longest with
+    `sum_{i in U} H_i - max_{i in U} H_i <= bound` (nats): an upper bound on the joint error of committing `U` at
+    once rather than one by one. The left side never decreases along the order, so the chosen set is a prefix. At
+    least one position (and at least `num_to_commit`) is committed while a row has masks. `bound = 0` commits one
+    position per step (plus exact ties at zero entropy).
+
+    Args:
+        confidence (`torch.Tensor` of shape `[B, L]`): sampler scores (higher first).
+        entropy (`torch.Tensor` of shape `[B, L]`): entropy of each position's proposal distribution (nats).
+        is_masked (`torch.Tensor` of shape `[B, L]`, bool): positions that may be committed.
+        bound (`float`): the entropy budget `gamma >= 0`.
+        num_to_commit (`torch.Tensor` of shape `[B]`, *optional*): a per-row minimum.
+
+    Returns:
+        `torch.Tensor` of shape `[B, L]`, bool: `commit`, a subset of `is_masked`.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from peft_diffusion.samplers import select_entropy_bound
+        >>> confidence = torch.tensor([[0.9, 0.8, 0.7, 0.6]])
+        >>> entropy = torch.tensor([[0.1, 0.2, 0.3, 0.5]])
+        >>> select_entropy_bound(confidence, entropy, torch.ones(1, 4, dtype=torch.bool), 0.35).tolist()
+        [[True, True, True, False]]
+        ```
+    """
+    if not (isinstance(bound, (int, float)) and not isinstance(bound, bool) and math.isfinite(bound) and bound >= 0):
+        raise ValueError(f"`entropy_bound` must be a finite number >= 0 (nats), got entropy_bound={bound!r}.")
+    order = confidence.masked_fill(~is_masked, -math.inf).argsort(dim=-1, descending=True)  # [B, L]
+    valid = is_masked.gather(-1, order)  # [B, L], masked positions first
+    sorted_entropy = entropy.float().gather(-1, order).masked_fill(~valid, 0.0)  # [B, L]
+    spent = sorted_entropy.cumsum(-1) - sorted_entropy.cummax(-1).values  # [B, L], nondecreasing
+    chosen = ((spent <= bound) & valid).sum(-1)  # [B]
+    num_masked = is_masked.sum(-1)  # [B]
+    at_least = num_masked.clamp(max=1)  # [B]
+    if num_to_commit is not None:
+        at_least = torch.maximum(at_least, num_to_commit.to(at_least.device).clamp(max=num_masked))  # [B]
+    chosen = torch.maximum(chosen, at_least)  # [B]
+    ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)  # [B, L]
+    commit_sorted = ranks < chosen[:, None]  # [B, L]
+    return torch.zeros_like(is_masked).scatter(-1, order, commit_sorted) & is_masked  # [B, L]
+
+
 def num_tokens_per_step(num_masked: torch.Tensor, steps: int | torch.Tensor) -> torch.Tensor:
     """LLaDA's schedule: split each masked count evenly over its denoising steps.
 
@@ -472,6 +525,7 @@ def step(
     *,
     sampler: str | Sampler = "confidence",
     threshold: float | None = None,
+    entropy_bound: float | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -483,7 +537,8 @@ def step(
     Outline:
         1. Propose a token and its distribution at every position (`propose_tokens`).
         2. Score positions with the sampler; non-masked positions get -inf, so only masked ones are ever committed.
-        3. Select: `select_threshold` if `threshold` is set (with `num_to_commit` as a minimum), else `select_topk`.
+        3. Select: `select_threshold` if `threshold` is set, `select_entropy_bound` if `entropy_bound` is set (both
+           with `num_to_commit` as a minimum), else `select_topk`.
 
     The caller writes the step with `torch.where(commit, tokens, noisy_ids)`.
 
@@ -494,6 +549,8 @@ def step(
             `num_tokens_per_step`); required without `threshold`, a per-row minimum with it.
         sampler (`str` or `Sampler`, defaults to `"confidence"`): a key of `SAMPLERS` or a sampler instance.
         threshold (`float`, *optional*): Fast-dLLM threshold in `(0, 1]`; None for a fixed budget per step.
+        entropy_bound (`float`, *optional*): the EB sampler's entropy budget (nats, `select_entropy_bound`); not
+            together with `threshold`.
         temperature (`float`, defaults to `0.0`): see `propose_tokens`.
         top_k (`int`, *optional*): see `propose_tokens`.
         top_p (`float`, *optional*): see `propose_tokens`.
@@ -515,7 +572,12 @@ def step(
         ([[0, 1, 0]], [[True, False, False]])
         ```
     """
-    if threshold is None and num_to_commit is None:
+    if threshold is not None and entropy_bound is not None:
+        raise ValueError(
+            f"Pass one adaptive rule: `threshold` or `entropy_bound`, got threshold={threshold} and "
+            f"entropy_bound={entropy_bound}."
+        )
+    if threshold is None and entropy_bound is None and num_to_commit is None:
         raise ValueError(
             "`num_to_commit` is required when `threshold` is None, got num_to_commit=None; pass a column of "
             "`num_tokens_per_step(...)` or set a `threshold`."
@@ -539,6 +601,9 @@ def step(
     # 3. Selection.
     if threshold is not None:
         commit = select_threshold(confidence, is_masked, threshold, num_to_commit=num_to_commit)  # [B, L]
+    elif entropy_bound is not None:
+        entropy = -(probs * probs.clamp(min=1e-30).log()).sum(-1)  # [B, L] nats
+        commit = select_entropy_bound(confidence, entropy, is_masked, entropy_bound, num_to_commit)  # [B, L]
     else:
         commit = select_topk(confidence, is_masked, num_to_commit)  # [B, L]
     return tokens, commit

@@ -445,3 +445,62 @@ def test_missing_budget_without_threshold_raises():
 def test_bad_proposal_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         propose_tokens(make_logits(), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entropy-bounded (EB) selection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def eb_by_hand(confidence, entropy, is_masked, bound, minimum=1):
+    """Longest prefix in confidence order with sum(H) - max(H) <= bound, at least `minimum`; loops, per row."""
+    commits = []
+    for row in range(confidence.shape[0]):
+        order = sorted((i for i in range(confidence.shape[1]) if is_masked[row, i]), key=lambda i: -confidence[row, i])
+        chosen = []
+        for i in order:
+            trial = [float(entropy[row, j]) for j in chosen + [i]]
+            if sum(trial) - max(trial) <= bound:
+                chosen.append(i)
+            else:
+                break
+        chosen = order[: max(len(chosen), min(minimum, len(order)))]
+        commits.append([i in chosen for i in range(confidence.shape[1])])
+    return torch.tensor(commits)
+
+
+@pytest.mark.parametrize("bound", [0.0, 0.3, 1.0, 5.0])
+def test_entropy_bound_selection_matches_the_hand_rule(bound):
+    from peft_diffusion.samplers import select_entropy_bound
+
+    generator = torch.Generator().manual_seed(0)
+    confidence = torch.rand(6, 10, generator=generator)
+    entropy = torch.rand(6, 10, generator=generator)
+    is_masked = torch.rand(6, 10, generator=generator) < 0.7
+    is_masked[0] = False  # a finished row commits nothing
+    got = select_entropy_bound(confidence, entropy, is_masked, bound)
+    assert torch.equal(got, eb_by_hand(confidence, entropy, is_masked, bound))
+    minimum = torch.full((6,), 3)
+    got = select_entropy_bound(confidence, entropy, is_masked, bound, num_to_commit=minimum)
+    assert torch.equal(got, eb_by_hand(confidence, entropy, is_masked, bound, minimum=3))
+
+
+def test_entropy_bound_in_generate_commits_adaptively():
+    from conftest import MASK_ID, tiny_causal_lm
+
+    from peft_diffusion import DiffusionConfig, get_diffusion_model
+
+    model = get_diffusion_model(
+        tiny_causal_lm("llama"), DiffusionConfig(attention="block", block_size=4, mask_token_id=MASK_ID)
+    ).eval()
+    prompt = torch.tensor([[1, 5, 6, 7]])
+    settings = dict(max_new_tokens=8, steps=8, return_dict_in_generate=True)
+    one_by_one = model.generate(prompt, **settings)
+    tight = model.generate(prompt, entropy_bound=0.0, **settings)
+    loose = model.generate(prompt, entropy_bound=1e9, **settings)
+    assert torch.equal(tight.sequences, one_by_one.sequences) and tight.nfe == one_by_one.nfe == 8
+    assert loose.nfe == 2  # every block committed whole at its first step
+    with pytest.raises(ValueError, match="Pass one adaptive rule"):
+        model.generate(prompt, entropy_bound=0.5, threshold=0.9, max_new_tokens=8)
+    with pytest.raises(ValueError, match="`entropy_bound` must be a finite number >= 0"):
+        model.generate(prompt, entropy_bound=-1.0, max_new_tokens=8)
