@@ -7,6 +7,8 @@ import importlib
 import io
 import json
 import os
+import re
+import shutil
 import string
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from peft_diffusion import DiffusionConfig, DiffusionLM
 from peft_diffusion.attention import ATTENTION_PATTERNS, AttentionPattern, register_attention_pattern
 from peft_diffusion.cli import defaults
 from peft_diffusion.cli.args import UsageError, decoding_threshold, parse
-from peft_diffusion.cli.convert import DiffusionArguments, convert_parser
+from peft_diffusion.cli.convert import DiffusionArguments, clear_output_dir, convert_parser
 from peft_diffusion.cli.demo import _one_line, answer_length
 from peft_diffusion.cli.live import LiveView, commit_steps
 from peft_diffusion.cli.main import main
@@ -331,10 +333,39 @@ def test_ar_nll_per_token_is_the_causal_cross_entropy():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _bad_jsonl(tmp_path) -> Path:
-    path = tmp_path / "no_text.jsonl"
-    path.write_text('{"body": "x"}\n{"body": "y"}\n')
-    return path
+# tqdm's bar (`[elapsed<remaining` or `[elapsed,`): progress output, not part of a failure's message.
+PROGRESS_BAR = re.compile(r"\[(\d+:)?\d+:\d\d[<,]")
+
+
+def message_lines(err: str) -> list[str]:
+    """The lines of `err` a reader sees as messages: progress bars (drawn with carriage returns) left out."""
+    pieces = (piece.strip() for line in err.split("\n") for piece in line.split("\r"))
+    return [piece for piece in pieces if piece and not PROGRESS_BAR.search(piece)]
+
+
+def _write(folder: Path, name: str, text: str) -> str:
+    (folder / name).write_text(text)
+    return str(folder / name)
+
+
+def _copy_converted(converted: str, folder: Path) -> Path:
+    target = folder / "converted"
+    shutil.copytree(converted, target)
+    return target
+
+
+def _non_empty_folder(tmp_path, converted):
+    folder = tmp_path / "earlier-run"
+    folder.mkdir()
+    _write(folder, "adapter_config.json", "{}")
+    return str(folder)
+
+
+# Each fault is built in the test's tmp_path, only when a case names it.
+FAULTS = {
+    "bad_jsonl": lambda tmp, _: _write(tmp, "no_text.jsonl", '{"body": "x"}\n{"body": "y"}\n'),
+    "non_empty": _non_empty_folder,
+}
 
 
 @pytest.mark.parametrize(
@@ -347,6 +378,8 @@ def _bad_jsonl(tmp_path) -> Path:
         (["convert", "--model", "{tiny}", "--block_size", "0"], 1, "block_size"),
         (["convert", "--model", "{tiny}", "--dataset", "{bad_jsonl}"], 1, "--text-field"),
         (["convert", "--model", "{tiny}", "--dataset", "./missing.txt"], 1, "--dataset"),
+        (["convert", "--model", "{tiny}", "--output_dir", "{non_empty}"], 1, "not empty (adapter_config.json)"),
+        (["convert", "--model", "{tiny}", "--output_dir", "{tiny}", "--overwrite_output_dir"], 1, "of the --model"),
         (["generate", "--model", "./no/such/folder", "--prompt", "x"], 1, "--model"),
         (["generate", "--model", "{tiny}", "--prompt", "x"], 1, "convert it first"),
         (["generate", "--model", "{converted}"], 1, "--prompt"),
@@ -360,14 +393,59 @@ def _bad_jsonl(tmp_path) -> Path:
 def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, code, names, tiny_model_dir, converted_dir, tmp_path,
                                                      capsys, monkeypatch):  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    values = {"tiny": tiny_model_dir, "converted": converted_dir, "bad_jsonl": str(_bad_jsonl(tmp_path))}
+    values = {"tiny": tiny_model_dir, "converted": converted_dir}
+    for name, build in FAULTS.items():
+        if any("{" + name + "}" in arg for arg in argv):
+            values[name] = build(tmp_path, converted_dir)
     argv = [arg.format(**values) for arg in argv]
     got, out, err = run(argv, capsys)
-    assert got == code
-    lines = err.strip().splitlines()
+    assert got == code, err
+    lines = message_lines(err)
     assert len(lines) == 1, err
     assert names in lines[0] and "Traceback" not in err
     assert lines[0].startswith("peft-diffusion")
+
+
+def test_overwrite_output_dir_replaces_a_lora_run_with_a_full_model(converted_dir, tiny_model_dir, tmp_path, capsys):
+    out = _copy_converted(converted_dir, tmp_path)  # a LoRA conversion
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoint-2").mkdir()
+    code, printed, err = run(
+        ["convert", "--model", tiny_model_dir, "--output_dir", out, "--full", "--overwrite_output_dir",
+         "--demo", "false"] + FAST, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "--overwrite_output_dir: removed" in printed and "adapter_config.json" in printed
+    # the adapter, its weights, the PEFT model card and the old checkpoint are gone; an unrelated file stays
+    assert sorted(path.name for path in out.glob("adapter_*")) == []
+    assert not (out / "README.md").exists() and not (out / "checkpoint-2").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    model = DiffusionLM.from_pretrained(out)
+    assert not model.is_peft  # the full model, not the stale adapter
+
+
+def test_clear_output_dir_removes_only_what_convert_writes(tmp_path):
+    ours = ["adapter_config.json", "adapter_model.safetensors", "diffusion_config.json", "config.json",
+            "model.safetensors", "model-00001-of-00002.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "training_args.bin", "trajectory.png"]  # fmt: skip
+    theirs = ["notes.txt", "data.jsonl", "model.txt", "my_config.json"]
+    for name in ours + theirs:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "README.md").write_text("# my own notes\n")  # not PEFT's model card: stays
+    assert clear_output_dir(str(tmp_path), keep_checkpoints=True) == sorted(ours)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(theirs + ["README.md", "checkpoint-5"])
+    assert clear_output_dir(str(tmp_path)) == ["checkpoint-5"]
+
+
+def test_a_failed_convert_leaves_no_output_folder(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "out"
+    code, _, err = run(
+        ["convert", "--model", tiny_model_dir, "--output_dir", out, "--resume_from_checkpoint", tmp_path / "nowhere",
+         "--demo", "false"] + FAST, capsys,
+    )  # fmt: skip
+    assert code == 1 and "checkpoint" in message_lines(err)[-1]
+    assert not (tmp_path / "new").exists()
 
 
 def test_debug_shows_the_traceback(capsys):

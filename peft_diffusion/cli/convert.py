@@ -11,6 +11,7 @@ the checkpoint (the default one when `--model` is omitted, `defaults.py`), conve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,14 @@ class ConvertArguments:
     )
     stdlib_files: int = field(default=100, metadata={"help": "Modules sampled for the default data."})
     full: bool = field(default=False, metadata={"help": "Full finetuning instead of LoRA."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace an earlier run in a non-empty --output_dir: its files (adapter, model, configs, "
+            "tokenizer, checkpoints, trajectory) are removed once the model has loaded; other files stay. Without "
+            "it a non-empty folder is refused (resuming with --resume_from_checkpoint writes into it)."
+        },
+    )
     max_train_minutes: float | None = field(
         default=7.0,
         metadata={
@@ -134,35 +143,41 @@ def convert(argv: list[str]) -> int:
     callbacks = []
     if script_args.max_train_minutes is not None and script_args.max_train_minutes > 0:
         callbacks.append(_time_limit_callback(script_args.max_train_minutes, started))
-    trainer = DiffusionTrainer(
-        model_path,
-        args=training_args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        diffusion_config=diffusion_config,
-        peft_config=peft_config,
-        quantization_config=get_quantization_config(model_args),
-        callbacks=callbacks,
-    )
-    model = trainer.model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(
-        f"diffusion: attention={diffusion_config.attention} block_size={diffusion_config.block_size} "
-        f"shift={diffusion_config.shift} clean_context={diffusion_config.clean_context}; "
-        f"{'full finetuning' if script_args.full else 'LoRA'}: {trainable / 1e6:.2f}M trainable parameters"
-    )
-    train_start = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    train_seconds = time.monotonic() - train_start
-    print(
-        f"trained {result.global_step} steps in {train_seconds / 60:.1f} min, final training loss "
-        f"{result.training_loss:.3f}"
-    )
+    with removed_if_left_empty(training_args.output_dir):  # the Trainer creates it; a failed run leaves nothing
+        trainer = DiffusionTrainer(
+            model_path,
+            args=training_args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            diffusion_config=diffusion_config,
+            peft_config=peft_config,
+            quantization_config=get_quantization_config(model_args),
+            callbacks=callbacks,
+        )
+        if script_args.overwrite_output_dir:  # the model has loaded: replace the earlier run
+            resuming = bool(training_args.resume_from_checkpoint)
+            removed = clear_output_dir(training_args.output_dir, keep_checkpoints=resuming)
+            if removed:
+                print(f"--overwrite_output_dir: removed {', '.join(removed)} (an earlier run)")
+        model = trainer.model
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(
+            f"diffusion: attention={diffusion_config.attention} block_size={diffusion_config.block_size} "
+            f"shift={diffusion_config.shift} clean_context={diffusion_config.clean_context}; "
+            f"{'full finetuning' if script_args.full else 'LoRA'}: {trainable / 1e6:.2f}M trainable parameters"
+        )
+        train_start = time.monotonic()
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_seconds = time.monotonic() - train_start
+        print(
+            f"trained {result.global_step} steps in {train_seconds / 60:.1f} min, final training loss "
+            f"{result.training_loss:.3f}"
+        )
 
-    # 3. save (adapter or full model, diffusion_config.json, the tokenizer with its mask token)
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    print(f"saved to {training_args.output_dir}")
+        # 3. save (adapter or full model, diffusion_config.json, the tokenizer with its mask token)
+        trainer.save_model(training_args.output_dir)
+        tokenizer.save_pretrained(training_args.output_dir)
+        print(f"saved to {training_args.output_dir}")
 
     # 4. demo
     if script_args.demo:
@@ -192,6 +207,12 @@ def _checkpoint_and_data(script_args, training_args, model_args) -> tuple:
     name = DEFAULT_MODEL_NAME if model_args.model_name_or_path is None else os.path.basename(model_path.rstrip("/"))
     if training_args.output_dir in (None, "trainer_output"):
         training_args.output_dir = f"{name}-diffusion"
+    check_output_dir(
+        training_args.output_dir,
+        overwrite=script_args.overwrite_output_dir,
+        resuming=bool(training_args.resume_from_checkpoint),
+        model_path=model_path,
+    )
     training_args.dataset_text_field = script_args.text_field or training_args.dataset_text_field
     dataset = load_text_dataset(
         script_args.dataset_name,
@@ -207,3 +228,112 @@ def _checkpoint_and_data(script_args, training_args, model_args) -> tuple:
         model_kwargs["dtype"] = torch_dtype(model_args.dtype)
     training_args.model_init_kwargs = model_kwargs
     return model_path, dataset, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output folder: nothing lost, nothing stale
+# ----------------------------------------------------------------------------------------------------------------
+
+# What `convert` writes into its output folder (an adapter or a full model, their configs, the tokenizer, the
+# Trainer's files and checkpoints, the demo's picture): `--overwrite_output_dir` removes these and nothing else.
+OUTPUT_FILES = (
+    "adapter_*",
+    "diffusion_config.json",
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "training_args.bin",
+    "trainer_state.json",
+    "checkpoint-*",
+    "runs",
+    "trajectory.png",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool, model_path: str | None = None) -> None:
+    """Refuse a non-empty output folder (files there would be overwritten or, worse, left stale: an old
+    `adapter_config.json` beside a new full model makes `from_pretrained` load the old adapter) unless
+    `--overwrite_output_dir` says to replace it, or `--resume_from_checkpoint` continues the run that wrote it.
+    The folder of the model being converted is always refused (the adapter needs its base, the demo reloads it)."""
+    if os.path.isfile(output_dir):
+        raise CommandError(f"--output_dir {output_dir!r} is a file; give a folder.")
+    if model_path is not None and os.path.realpath(output_dir) == os.path.realpath(model_path):
+        raise CommandError(
+            f"--output_dir {output_dir!r} is the folder of the --model being converted; choose another folder."
+        )
+    entries = _visible_entries(output_dir)
+    if entries and not (overwrite or resuming):
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise CommandError(
+            f"--output_dir {output_dir!r} is not empty ({shown}); pass --overwrite_output_dir to replace an earlier "
+            "run's files (other files stay), or choose another --output_dir."
+        )
+
+
+def clear_output_dir(output_dir: str, *, keep_checkpoints: bool = False) -> list[str]:
+    """Remove what an earlier `convert` wrote into `output_dir` (`OUTPUT_FILES`, and a README.md that is PEFT's model
+    card), keeping every other file and, when `keep_checkpoints` (resuming), the `checkpoint-*` folders.
+
+    Returns:
+        `list[str]`: the names removed, sorted.
+    """
+    import fnmatch
+    import shutil
+
+    removed = []
+    for entry in _visible_entries(output_dir):
+        path = os.path.join(output_dir, entry)
+        ours = any(fnmatch.fnmatch(entry, pattern) for pattern in OUTPUT_FILES) or _is_peft_model_card(path)
+        if not ours or (keep_checkpoints and fnmatch.fnmatch(entry, "checkpoint-*")):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        removed.append(entry)
+    return removed
+
+
+def _visible_entries(folder: str) -> list[str]:
+    """The entries of `folder` (none when it does not exist), leaving out hidden ones such as `.DS_Store`."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(entry for entry in os.listdir(folder) if not entry.startswith("."))
+
+
+def _is_peft_model_card(path: str) -> bool:
+    """A README.md written by PEFT's `save_pretrained` (its front matter names `library_name: peft`)."""
+    if os.path.basename(path) != "README.md" or not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        head = handle.read(2000)
+    return head.startswith("---") and "library_name: peft" in head
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str):
+    """Run the block; if it fails (an error or Ctrl-C) and `folder` did not exist before and is empty, remove it and
+    the empty parents created with it, so that a failed run leaves no empty output folder behind."""
+    folder = os.path.abspath(folder)
+    outermost = folder  # the outermost of `folder` and its parents that does not exist yet
+    while not os.path.exists(os.path.dirname(outermost)):
+        outermost = os.path.dirname(outermost)
+    existed = os.path.exists(folder)
+    try:
+        yield
+    except BaseException:
+        path = folder
+        while not existed and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+            if path == outermost:
+                break
+            path = os.path.dirname(path)
+        raise
