@@ -11,8 +11,10 @@ import re
 import shutil
 import string
 import sys
+import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 import yaml
@@ -22,6 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from peft_diffusion import DiffusionConfig, DiffusionLM
 from peft_diffusion.attention import ATTENTION_PATTERNS, AttentionPattern, register_attention_pattern
 from peft_diffusion.cli import defaults
+from peft_diffusion.cli import main as cli_main
 from peft_diffusion.cli.args import UsageError, decoding_threshold, parse
 from peft_diffusion.cli.convert import DiffusionArguments, clear_output_dir, convert_parser
 from peft_diffusion.cli.demo import _one_line, answer_length
@@ -354,6 +357,32 @@ def _copy_converted(converted: str, folder: Path) -> Path:
     return target
 
 
+def _adapter_of_another_base(tmp_path, converted):
+    """The converted adapter, its recorded base path pointed at another tiny llama of the same shapes."""
+    other = tmp_path / "other-base"
+    tiny_causal_lm("llama", "sdpa", seed=1, max_position_embeddings=256).save_pretrained(other)
+    char_tokenizer().save_pretrained(other)
+    folder = _copy_converted(converted, tmp_path)
+    for name in ("diffusion_config.json", "adapter_config.json"):
+        config = json.loads((folder / name).read_text())
+        config["base_model_name_or_path"] = str(other)
+        (folder / name).write_text(json.dumps(config))
+    return str(folder)
+
+
+def _truncated_adapter(tmp_path, converted):
+    folder = _copy_converted(converted, tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return str(folder)
+
+
+def _adapter_without_weights(tmp_path, converted):
+    folder = _copy_converted(converted, tmp_path)
+    (folder / "adapter_model.safetensors").unlink()
+    return str(folder)
+
+
 def _non_empty_folder(tmp_path, converted):
     folder = tmp_path / "earlier-run"
     folder.mkdir()
@@ -364,6 +393,16 @@ def _non_empty_folder(tmp_path, converted):
 # Each fault is built in the test's tmp_path, only when a case names it.
 FAULTS = {
     "bad_jsonl": lambda tmp, _: _write(tmp, "no_text.jsonl", '{"body": "x"}\n{"body": "y"}\n'),
+    "garbage_jsonl": lambda tmp, _: _write(tmp, "garbage.jsonl", "this is { not json\n"),
+    "garbage_csv": lambda tmp, _: _write(tmp, "garbage.csv", 'text,n\n"unterminated,1\n'),
+    "null_jsonl": lambda tmp, _: _write(tmp, "null.jsonl", '{"text": "hello"}\n{"text": null}\n'),
+    "number_csv": lambda tmp, _: _write(tmp, "numbers.csv", "text,n\n1,2\n3,4\n"),
+    "bad_yaml": lambda tmp, _: _write(tmp, "bad.yaml", "block_size: [1, 2\n"),
+    "list_yaml": lambda tmp, _: _write(tmp, "list.yaml", "- block_size\n- 8\n"),
+    "masked_txt": lambda tmp, _: _write(tmp, "masked.txt", "def f(x):\n    return <|mask|> + 1\n"),
+    "other_base": _adapter_of_another_base,
+    "truncated": _truncated_adapter,
+    "no_weights": _adapter_without_weights,
     "non_empty": _non_empty_folder,
 }
 
@@ -375,17 +414,29 @@ FAULTS = {
         (["convert", "--attention", "sideways"], 2, "--attention"),
         (["convert", "--no_such_flag", "1"], 2, "--no_such_flag"),
         (["convert", "--config", "missing.yaml"], 2, "--config"),
+        (["convert", "--config", "{bad_yaml}"], 2, "is not valid YAML: expected ',' or ']'"),
+        (["convert", "--config", "{list_yaml}"], 2, "must hold a YAML mapping"),
         (["convert", "--model", "{tiny}", "--block_size", "0"], 1, "block_size"),
         (["convert", "--model", "{tiny}", "--dataset", "{bad_jsonl}"], 1, "--text-field"),
         (["convert", "--model", "{tiny}", "--dataset", "./missing.txt"], 1, "--dataset"),
+        (["convert", "--model", "{tiny}", "--dataset", "{garbage_jsonl}"], 1, "cannot be read as JSONL"),
+        (["convert", "--model", "{tiny}", "--dataset", "{garbage_csv}"], 1, "cannot be read as CSV"),
+        (["convert", "--model", "{tiny}", "--dataset", "{null_jsonl}"], 1, "record 2 has no text"),
+        (["convert", "--model", "{tiny}", "--dataset", "{number_csv}"], 1, "not text; pass --text-field"),
         (["convert", "--model", "{tiny}", "--output_dir", "{non_empty}"], 1, "not empty (adapter_config.json)"),
         (["convert", "--model", "{tiny}", "--output_dir", "{tiny}", "--overwrite_output_dir"], 1, "of the --model"),
+        (["convert", "--model", "no-such-model-xyz"], 1, "is not a folder, and the Hub cannot be reached"),
         (["generate", "--model", "./no/such/folder", "--prompt", "x"], 1, "--model"),
+        (["generate", "--model", "no-such-model-xyz", "--prompt", "x"], 1, "the Hub cannot be reached"),
         (["generate", "--model", "{tiny}", "--prompt", "x"], 1, "convert it first"),
         (["generate", "--model", "{converted}"], 1, "--prompt"),
         (["generate", "--model", "{converted}", "--prompt", "x", "--block_length", "3"], 1, "block_length"),
         (["generate", "--model", "{converted}", "--prompt", "x", "--sampler", "best"], 1, "sampler"),
+        (["generate", "--model", "{other_base}", "--prompt", "x"], 1, "--allow_base_mismatch"),
+        (["generate", "--model", "{truncated}", "--prompt", "x"], 1, "adapter_model.safetensors is truncated"),
+        (["generate", "--model", "{no_weights}", "--prompt", "x"], 1, "has no adapter weights"),
         (["eval", "--model", "{converted}", "--mc_samples", "0"], 1, "--mc_samples"),
+        (["eval", "--model", "{converted}", "--dataset", "{masked_txt}"], 1, "holds the mask token '<|mask|>'"),
         (["frobnicate"], 2, "frobnicate"),
     ],
     ids=lambda value: value if isinstance(value, int) else None,
@@ -393,6 +444,7 @@ FAULTS = {
 def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, code, names, tiny_model_dir, converted_dir, tmp_path,
                                                      capsys, monkeypatch):  # fmt: skip
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     values = {"tiny": tiny_model_dir, "converted": converted_dir}
     for name, build in FAULTS.items():
         if any("{" + name + "}" in arg for arg in argv):
@@ -404,6 +456,34 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, code, names, tiny_mod
     assert len(lines) == 1, err
     assert names in lines[0] and "Traceback" not in err
     assert lines[0].startswith("peft-diffusion")
+
+
+def test_a_hub_name_without_the_hub_fails_at_once(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for command in (["convert"], ["generate", "--prompt", "x"], ["eval"]):
+        start = time.monotonic()
+        code, _, err = run(command[:1] + ["--model", "no-such-model-xyz"] + command[1:], capsys)
+        assert time.monotonic() - start < 5
+        assert code == 1 and message_lines(err) == [
+            f"peft-diffusion {command[0]}: error: --model 'no-such-model-xyz' is not a folder, and the Hub cannot be "
+            "reached (HF_HUB_OFFLINE is set; no copy in the local cache): give a local folder."
+        ]
+    assert not (tmp_path / "no-such-model-xyz-diffusion").exists()
+
+
+def test_an_unexpected_error_is_one_line_with_its_type(monkeypatch, capsys):
+    def broken(argv):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setitem(cli_main.COMMANDS, "generate", (broken, "broken"))
+    code, _, err = run(["generate"], capsys)
+    assert code == 1
+    assert err.splitlines() == [
+        "peft-diffusion generate: error: RuntimeError: boom second line (--debug shows the traceback)"
+    ]
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["generate", "--debug"])
 
 
 def test_overwrite_output_dir_replaces_a_lora_run_with_a_full_model(converted_dir, tiny_model_dir, tmp_path, capsys):
@@ -528,9 +608,25 @@ def test_load_text_dataset_formats_and_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_resolve_model(tmp_path):
+def test_resolve_model(tmp_path, monkeypatch):
     assert defaults.resolve_model(str(tmp_path)) == str(tmp_path)
+    # a Hub id: used as it is when the local Hub cache holds it, or when the Hub answers for it
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}")
     assert defaults.resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE is set; no copy in the local cache\): give a local"):
+        defaults.resolve_model("HuggingFaceTB/SmolLM2-135M")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo, timeout: repo)
+    assert defaults.resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+    def unreachable(repo, timeout):
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    with pytest.raises(FileNotFoundError, match=r"the Hub cannot be reached \(\[Errno -2\] Name or service"):
+        defaults.resolve_model("HuggingFaceTB/SmolLM2-135M")
     for missing in ("./nope", "/no/such/dir", "a/b/c"):
         with pytest.raises(FileNotFoundError, match="no such folder"):
             defaults.resolve_model(missing)

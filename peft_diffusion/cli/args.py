@@ -172,6 +172,7 @@ def parse(parser, argv: list[str]) -> tuple:
             raise UsageError("--config needs a YAML file path")
         if not os.path.isfile(argv[index + 1]):
             raise UsageError(f"--config {argv[index + 1]!r}: no such file")
+        _check_yaml_mapping(argv[index + 1])
     try:
         return parser.parse_args_and_config(argv)
     except ValueError as error:
@@ -179,6 +180,26 @@ def parse(parser, argv: list[str]) -> tuple:
         if "not used by the HfArgumentParser" in message or "Unknown arguments" in message:
             raise UsageError(f"unrecognized arguments: {message.split(':', 1)[-1].strip()}") from error
         raise
+
+
+def _check_yaml_mapping(path: str) -> None:
+    """Raise `UsageError` naming the line and column when `path` is not YAML, and when it holds no `flag: value`
+    mapping (TRL's parser would print a YAML traceback)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise UsageError(f"--config {path!r} is not valid YAML: {problem}{where}.") from error
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--config {path!r} is not a text file ({error}).") from error
+    if not isinstance(content, dict):
+        got = "an empty file" if content is None else f"a {type(content).__name__}"
+        raise UsageError(f"--config {path!r} must hold a YAML mapping of `flag: value` lines, got {got}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

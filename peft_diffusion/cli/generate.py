@@ -9,10 +9,15 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .args import CommandError, build_parser, decoding_threshold, parse, threshold_field, torch_dtype
 from .demo import answer_length, chat_input_ids
 from .live import LiveView, id_list, save_trajectory
+
+ALLOW_BASE_MISMATCH_HELP = (
+    "Load an adapter onto a base model other than the one it was trained on (its recorded fingerprint differs)."
+)
 
 
 @dataclass
@@ -36,39 +41,70 @@ class GenerateArguments:
     dtype: str = field(
         default="float32", metadata={"help": "float32, bfloat16 or float16 (bfloat16 is slow on CPUs)."}
     )
+    allow_base_mismatch: bool = field(default=False, metadata={"help": ALLOW_BASE_MISMATCH_HELP})
 
 
-def load_converted(path: str, dtype=None):
-    """A converted model and its tokenizer; a clear error for a missing folder or a plain causal LM."""
-    import json
-
+def load_converted(path: str, dtype=None, allow_base_mismatch: bool = False):
+    """A converted model and its tokenizer; one-line errors for a missing folder, a plain causal LM, missing or
+    truncated weight files, a Hub id that cannot be loaded now, and an adapter given another base."""
     from transformers import AutoTokenizer
 
     from ..model import DIFFUSION_CONFIG_NAME, DiffusionLM
+    from .defaults import check_weight_files, hub_model
 
     if os.path.isdir(os.path.expanduser(path)):
         path = os.path.expanduser(path)
         config_file = os.path.join(path, "config.json")
         is_full = False
         if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as handle:
-                is_full = json.load(handle).get("model_type") == "diffusion_lm"
+            is_full = _read_json(config_file).get("model_type") == "diffusion_lm"
         if not is_full and not os.path.isfile(os.path.join(path, DIFFUSION_CONFIG_NAME)):
             raise CommandError(
                 f"--model {path!r} is not a converted diffusion model (no {DIFFUSION_CONFIG_NAME}); convert it first: "
                 f"peft-diffusion convert --model {path}"
             )
+        weights = ("model*.safetensors", "pytorch_model*.bin") if is_full else ("adapter_model.*",)
+        if not any(any(Path(path).glob(pattern)) for pattern in weights):
+            raise CommandError(
+                f"--model {path!r} has no {'model' if is_full else 'adapter'} weights ({' or '.join(weights)}); the "
+                "save was interrupted or the files were moved: convert again."
+            )
+        check_weight_files(path)
+        if not is_full:  # the adapter's base, when it is a local folder
+            base = _read_json(os.path.join(path, DIFFUSION_CONFIG_NAME)).get("base_model_name_or_path")
+            if isinstance(base, str) and os.path.isdir(base):
+                check_weight_files(base, flag=f"the base model of --model {path!r},")
     elif path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise FileNotFoundError(
             f"--model {path!r}: no such folder; pass the output folder of `peft-diffusion convert`."
         )
+    else:
+        hub_model(path, files=("config.json", "adapter_config.json"))
     kwargs = {} if dtype is None else {"dtype": dtype}
-    model = DiffusionLM.from_pretrained(path, **kwargs).eval()
+    try:
+        model = DiffusionLM.from_pretrained(path, allow_base_mismatch=allow_base_mismatch, **kwargs).eval()
+    except ValueError as error:
+        # the library names its keyword; on the command line it is a flag
+        raise CommandError(str(error).replace("`allow_base_mismatch=True`", "--allow_base_mismatch")) from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         tokenizer = AutoTokenizer.from_pretrained(model.config.base_model_name_or_path)
     return model, tokenizer
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object from `path`; `CommandError` naming the file when it is not one."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CommandError(f"{path} is not valid JSON ({error}); save the model again.") from error
+    if not isinstance(content, dict):
+        raise CommandError(f"{path} holds no JSON object; save the model again.")
+    return content
 
 
 def generate(argv: list[str]) -> int:
@@ -81,7 +117,7 @@ def generate(argv: list[str]) -> int:
         raise CommandError("pass exactly one of --prompt TEXT or --chat MESSAGE.")
     if args.max_new_tokens < 1:
         raise CommandError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
-    model, tokenizer = load_converted(args.model, torch_dtype(args.dtype))
+    model, tokenizer = load_converted(args.model, torch_dtype(args.dtype), args.allow_base_mismatch)
     if args.chat is not None:
         input_ids = chat_input_ids(tokenizer, args.chat)
     else:

@@ -22,6 +22,9 @@ DEBUG_ENV = "PEFT_DIFFUSION_DEBUG"
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
+# Errors that are the input's fault and say so themselves: printed as they are. Anything else is printed with its
+# type and a pointer to `--debug`.
+INPUT_ERRORS = (CommandError, ValueError, TypeError, FileNotFoundError, OSError, ImportError, KeyError)
 
 COMMANDS = {
     "convert": (convert, "convert a causal checkpoint into a diffusion LM (train + save + demo)"),
@@ -48,7 +51,8 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
+    # datasets also logs a parser's failure before raising it, and the command prints that error in its own line
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
 
@@ -80,14 +84,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"peft-diffusion {command}: error: {_one_line_error(error)}", file=sys.stderr)
         return EXIT_USAGE
-    except (CommandError, ValueError, TypeError, FileNotFoundError, OSError, ImportError, KeyError) as error:
-        if debug:
-            raise
-        print(f"peft-diffusion {command}: error: {_one_line_error(error)}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"\npeft-diffusion {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if debug:
+            raise
+        message = _one_line_error(error)
+        if not isinstance(error, INPUT_ERRORS):
+            message = f"{type(error).__name__}: {message} (--debug shows the traceback)"
+        print(f"peft-diffusion {command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def entry_point() -> None:
