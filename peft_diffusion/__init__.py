@@ -1,11 +1,12 @@
 """peft-diffusion: turn any causal Hugging Face LM into a masked diffusion LM.
 
 Importing the package registers `DiffusionConfig` / `DiffusionLM` with transformers' Auto classes (and nothing else
-happens at import).
+happens at import, except that `_import_notices` leaves out one notice bitsandbytes prints while PEFT imports it).
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from . import _import_notices  # noqa: F401 (first: it must run before PEFT is imported)
 from .config import DiffusionConfig
 from .conversion import get_diffusion_model
 from .data import DistillationStats, self_distilled_dataset

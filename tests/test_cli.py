@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import string
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -472,6 +473,20 @@ def test_a_hub_name_without_the_hub_fails_at_once(capsys, monkeypatch, tmp_path)
     assert not (tmp_path / "no-such-model-xyz-diffusion").exists()
 
 
+def test_the_console_command_prints_one_line_in_a_fresh_process(tmp_path):
+    # Only a fresh interpreter sees what libraries print while they are imported (bitsandbytes' kernel notice).
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "peft_diffusion.cli", "convert", "--model", "no-such-model-xyz"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "peft-diffusion convert: error: --model 'no-such-model-xyz' is not a folder, and the Hub cannot be reached "
+        "(HF_HUB_OFFLINE is set; no copy in the local cache): give a local folder."
+    ]
+
+
 def test_an_unexpected_error_is_one_line_with_its_type(monkeypatch, capsys):
     def broken(argv):
         raise RuntimeError("boom\nsecond line")
@@ -526,6 +541,16 @@ def test_a_failed_convert_leaves_no_output_folder(tiny_model_dir, tmp_path, caps
     )  # fmt: skip
     assert code == 1 and "checkpoint" in message_lines(err)[-1]
     assert not (tmp_path / "new").exists()
+
+
+def test_convert_shows_progress_bars_and_no_library_warnings(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run(["convert", "--model", tiny_model_dir, "--output_dir", tmp_path, "--demo", "false"] + FAST,
+                       capsys)  # fmt: skip
+    assert code == 0, err
+    bars = [piece for piece in re.split(r"[\r\n]", err) if PROGRESS_BAR.search(piece)]
+    assert any("examples/s]" in bar for bar in bars), err  # dataset preparation (datasets' bars)
+    assert any(" 2/2 [" in bar for bar in bars), err  # training
+    assert message_lines(err) == [], err  # nothing but bars
 
 
 def test_debug_shows_the_traceback(capsys):

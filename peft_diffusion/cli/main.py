@@ -22,6 +22,9 @@ DEBUG_ENV = "PEFT_DIFFUSION_DEBUG"
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
+# Libraries that log through the standard `logging` module without a handler of their own, so Python prints their
+# warnings on stderr (TRL's packing notes, PEFT's and bitsandbytes' notices).
+QUIETED_LOGGERS = ("accelerate", "bitsandbytes", "peft", "trl")
 # Errors that are the input's fault and say so themselves: printed as they are. Anything else is printed with its
 # type and a pointer to `--debug`.
 INPUT_ERRORS = (CommandError, ValueError, TypeError, FileNotFoundError, OSError, ImportError, KeyError)
@@ -41,18 +44,23 @@ def _usage() -> str:
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal for our output: no library warnings or loading bars (the training bar stays; `--debug`
-    shows everything)."""
+    """Keep the terminal for our output: no library warnings (`--debug` shows everything).
+
+    Warnings only: every progress bar stays (loading and GGUF conversion, dataset preparation, training,
+    evaluation). `transformers.utils.logging.disable_progress_bar()` and `datasets.disable_progress_bars()` are not
+    called: they hide the bars of transformers (weights, GGUF dequantization), datasets and huggingface_hub.
+    """
+    import logging
     import warnings
 
     import datasets
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
     # datasets also logs a parser's failure before raising it, and the command prints that error in its own line
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
 

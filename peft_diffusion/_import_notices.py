@@ -1,0 +1,17 @@
+"""Notices that other libraries print while they are imported, and that importing peft-diffusion leaves out.
+
+bitsandbytes (the qlora and test extras) logs, while PEFT imports it, that an optional Hub kernel for 4-bit matmuls on
+CPU could not be loaded (on CPUs with AVX512-BF16, without the `kernels` package). It is not an error: 4-bit layers
+fall back to bitsandbytes' own code. Printed before anything else, it also came ahead of the one-line errors of the
+`peft-diffusion` command, which quiets libraries only once it runs. The filter drops that one message, nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+
+BITSANDBYTES_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith(BITSANDBYTES_KERNEL_NOTICE)
+)
