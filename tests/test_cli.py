@@ -752,3 +752,30 @@ def test_convert_and_generate_on_stories260k(stories_path, tmp_path, capsys):
                          capsys)  # fmt: skip
     assert code == 0, err
     assert out.splitlines()[0] == "Once upon a time" and len(out.splitlines()) >= 2
+
+
+def test_generate_speculative_prints_the_base_models_greedy_text(converted_dir, capsys):
+    """`--speculative`: the text is exactly the base's greedy HF generate (the adapter only drafts)."""
+    code, out, err = run(
+        [
+            "generate",
+            "--model",
+            converted_dir,
+            "--prompt",
+            "def f(x):",
+            "--max_new_tokens",
+            8,
+            "--speculative",
+            "true",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    model = DiffusionLM.from_pretrained(converted_dir).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(converted_dir)
+    ids = tokenizer("def f(x):", return_tensors="pt").input_ids
+    with model.model.disable_adapter():
+        expected = model.causal_lm.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+    count = answer_length(expected, {tokenizer.eos_token_id})
+    assert "\n".join(out.splitlines()[1:]) == tokenizer.decode(expected[:count], skip_special_tokens=True).strip()
+    assert "base verifications" in err

@@ -42,6 +42,13 @@ class GenerateArguments:
         default="float32", metadata={"help": "float32, bfloat16 or float16 (bfloat16 is slow on CPUs)."}
     )
     allow_base_mismatch: bool = field(default=False, metadata={"help": ALLOW_BASE_MISMATCH_HELP})
+    speculative: bool = field(
+        default=False,
+        metadata={
+            "help": "Lossless self-speculative decoding: the adapter drafts a block, the base (adapter off) verifies "
+            "it, and the text is exactly the base's; --steps is then per draft (default 1)."
+        },
+    )
 
 
 def load_converted(path: str, dtype=None, allow_base_mismatch: bool = False):
@@ -122,7 +129,9 @@ def generate(argv: list[str]) -> int:
         input_ids = chat_input_ids(tokenizer, args.chat)
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    live = args.live and sys.stdout.isatty()
+    if args.speculative and args.trajectory is not None:
+        raise CommandError("--trajectory shows the denoising of plain decoding; drop it or --speculative.")
+    live = args.live and sys.stdout.isatty() and not args.speculative
     streamer = LiveView(tokenizer, model.config.mask_token_id) if live else None
     settings = dict(
         max_new_tokens=args.max_new_tokens,
@@ -131,8 +140,13 @@ def generate(argv: list[str]) -> int:
         sampler=args.sampler,
         threshold=decoding_threshold(args.threshold),
         return_dict_in_generate=True,
-        output_history=args.trajectory is not None,
     )
+    if args.speculative:
+        settings["speculative"] = True
+        if args.temperature > 0:
+            settings["threshold"] = None  # sampled drafts commit left to right (speculation.py)
+    else:
+        settings["output_history"] = args.trajectory is not None
     if args.temperature > 0:
         settings.update(do_sample=True, temperature=args.temperature)
     generator = torch.Generator().manual_seed(args.seed)
@@ -144,7 +158,10 @@ def generate(argv: list[str]) -> int:
     count = answer_length(new, set(id_list(tokenizer.eos_token_id)))
     if not live:
         print(tokenizer.decode(new[:count], skip_special_tokens=True).strip())
-    print(f"[{count} tokens, {out.nfe} forwards, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    speed = f"{count} tokens, {out.nfe} forwards, {count / max(seconds, 1e-9):.1f} tokens/s"
+    if args.speculative:
+        speed += f", {out.base_forwards} base verifications"
+    print(f"[{speed}]", file=sys.stderr)
     if args.trajectory is not None:
         saved = save_trajectory(
             out.history,
