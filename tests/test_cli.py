@@ -779,3 +779,17 @@ def test_generate_speculative_prints_the_base_models_greedy_text(converted_dir, 
     count = answer_length(expected, {tokenizer.eos_token_id})
     assert "\n".join(out.splitlines()[1:]) == tokenizer.decode(expected[:count], skip_special_tokens=True).strip()
     assert "base verifications" in err
+
+
+def test_an_interrupt_names_the_saved_checkpoint(monkeypatch, capsys):
+    """The trainer's KeyboardInterrupt message (where it saved, how to resume) reaches the user's terminal."""
+    from peft_diffusion.cli import main as main_module
+
+    def interrupted(argv):
+        raise KeyboardInterrupt(
+            "saved a resumable checkpoint to out/checkpoint-3; resume with --resume_from_checkpoint"
+        )
+
+    monkeypatch.setitem(main_module.COMMANDS, "convert", (interrupted, *main_module.COMMANDS["convert"][1:]))
+    assert main_module.main(["convert"]) == 130
+    assert "interrupted: saved a resumable checkpoint to out/checkpoint-3" in capsys.readouterr().err

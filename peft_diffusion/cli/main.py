@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"peft-diffusion {command}: error: {_one_line_error(error)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"\npeft-diffusion {command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as error:
+        # DiffusionTrainer names the checkpoint it saved on the first Ctrl-C (and how to resume) in the message
+        detail = f": {error}" if str(error) else ""
+        print(f"\npeft-diffusion {command}: interrupted{detail}", file=sys.stderr)
         return 130
     except Exception as error:
         if debug:
