@@ -344,6 +344,13 @@ def load_adapter_strictly(base_model: PreTrainedModel, path, *, is_trainable: bo
     (`check_adapter_weights`)."""
     from peft.utils import load_peft_weights
 
+    if os.path.isdir(path) and not any(
+        os.path.isfile(os.path.join(path, name)) for name in ("adapter_model.safetensors", "adapter_model.bin")
+    ):
+        # PEFT would look for the weights on the Hub (retries online, a cache notice offline)
+        raise ValueError(
+            f"{path} holds an adapter config but no adapter weights (adapter_model.safetensors); save the model again."
+        )
     try:
         peft_model = PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable, **hub_kwargs)
     except KeyError as error:

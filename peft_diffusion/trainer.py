@@ -304,8 +304,7 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
                     f"Training interrupted (Ctrl-C) after its last step ({self.state.global_step}): training had "
                     "finished, nothing was left to save."
                 )
-            logger.warning(message)
-            raise KeyboardInterrupt(message)
+            raise KeyboardInterrupt(message)  # the message names the checkpoint (printed once, by whoever catches it)
         return output
 
     # ------------------------------------------------------------------------------------------------------------

@@ -542,3 +542,9 @@ def test_trainer_says_how_many_rows_truncation_left_without_a_target(tmp_path):
                       r"max_length=32 \(only prompt is left\) and were dropped"):  # fmt: skip
         trainer = make_trainer(tmp_path, train_dataset=data)
     assert len(trainer.train_dataset) == 6
+
+
+def test_an_adapter_folder_without_weights_is_named(saved_adapter):
+    (saved_adapter / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"holds an adapter config but no adapter weights"):
+        DiffusionLM.from_pretrained(saved_adapter / "adapter")
