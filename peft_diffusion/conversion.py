@@ -19,6 +19,7 @@ from .architectures import check_architecture, is_verified
 from .config import DEFAULT_MASK_TOKEN, DiffusionConfig
 from .model import DiffusionLM, _check_attention_backend
 from .probe import probe_architecture
+from .sources import local_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ def get_diffusion_model(
         config.mask_token = tokenizer.convert_ids_to_tokens(mask_token_id)
     config.base_config = model.config
     config.base_model_name_or_path = config.base_model_name_or_path or model.config.name_or_path or None
+    fingerprint["name_or_path"] = config.base_model_name_or_path
+    if config.base_model_name_or_path:  # the saved base config and PEFT's model card name it the same way
+        model.config.name_or_path = model.name_or_path = config.base_model_name_or_path
     config.base_fingerprint = fingerprint
     _compat.set_attn_implementation(config, _compat.attn_implementation(model.config))
     config.validate_diffusion()
@@ -118,6 +122,9 @@ def get_diffusion_model(
             # The mask token's embedding is new (or an untrained reserved row): train and save just that row.
             peft_config.trainable_token_indices = [mask_token_id]
         model = get_peft_model(model, peft_config)
+        # adapter_config.json names the same base as diffusion_config.json (a path the user gave, a Hub id, or the
+        # default checkpoint's stable name: never a path the caller did not choose)
+        model.peft_config[model.active_adapter].base_model_name_or_path = config.base_model_name_or_path
     elif _is_quantized(model):
         raise ValueError("A 4-bit quantized model cannot be fully finetuned; pass a `peft_config` (QLoRA).")
     if resized:
@@ -295,7 +302,7 @@ def load_base_model(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedMode
             "Use an architecture that transformers implements."
         )
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(local_model_path(name_or_path), trust_remote_code=False, **kwargs)
     except ValueError as error:
         if "trust_remote_code" not in str(error):
             raise

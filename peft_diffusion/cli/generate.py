@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..sources import local_model_path
 from .args import CommandError, build_parser, decoding_threshold, parse, threshold_field, torch_dtype
 from .demo import answer_length, chat_input_ids
 from .live import LiveView, id_list, save_trajectory
@@ -79,8 +80,8 @@ def load_converted(path: str, dtype=None, allow_base_mismatch: bool = False):
         check_weight_files(path)
         if not is_full:  # the adapter's base, when it is a local folder
             base = _read_json(os.path.join(path, DIFFUSION_CONFIG_NAME)).get("base_model_name_or_path")
-            if isinstance(base, str) and os.path.isdir(base):
-                check_weight_files(base, flag=f"the base model of --model {path!r},")
+            if isinstance(base, str) and os.path.isdir(os.path.expanduser(base)):
+                check_weight_files(os.path.expanduser(base), flag=f"the base model of --model {path!r},")
     elif path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise FileNotFoundError(
             f"--model {path!r}: no such folder; pass the output folder of `peft-diffusion convert`."
@@ -96,7 +97,7 @@ def load_converted(path: str, dtype=None, allow_base_mismatch: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
-        tokenizer = AutoTokenizer.from_pretrained(model.config.base_model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(local_model_path(model.config.base_model_name_or_path))
     return model, tokenizer
 
 

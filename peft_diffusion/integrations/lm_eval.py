@@ -42,6 +42,7 @@ except ImportError as error:
 from ..architectures import context_window
 from ..evaluation import _check_mc_samples, _check_positive_int, loglikelihood_batch
 from ..model import DiffusionLM
+from ..sources import local_model_path
 
 __all__ = ["LM_EVAL_MODEL_NAME", "DiffusionLMEval", "main"]
 
@@ -120,7 +121,8 @@ class DiffusionLMEval(LM):
             model = DiffusionLM.from_pretrained(pretrained, **load_kwargs)
         self.model = model.to(_resolve_device(device)).eval()
         if tokenizer is None or isinstance(tokenizer, str):
-            sources = [tokenizer] if tokenizer else [pretrained, model.config.base_model_name_or_path]
+            base = model.config.base_model_name_or_path
+            sources = [tokenizer] if tokenizer else [pretrained, base and local_model_path(base)]
             tokenizer = _load_tokenizer(AutoTokenizer, [source for source in sources if source])
         self.tokenizer = tokenizer
         self.mc_samples = mc_samples
