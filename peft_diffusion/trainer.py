@@ -40,6 +40,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from . import _compat
+from .budget import TimeBudget, TimeBudgetSchedule
 from .config import DiffusionConfig
 from .conversion import check_adapter_weights, get_diffusion_model
 from .model import DiffusionLM
@@ -261,6 +262,25 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         self._eval_generator: torch.Generator | None = None
         self._interrupt = SaveOnInterrupt(self)
         self.add_callback(self._interrupt)
+        # `max_train_minutes`: stop on the clock and run the learning-rate schedule on it (budget.py)
+        self.time_budget = TimeBudget(args.max_train_minutes) if args.max_train_minutes is not None else None
+        if self.time_budget is not None:
+            self.add_callback(self.time_budget)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """`Trainer.create_scheduler`; under `max_train_minutes` a schedule whose progress is the budget spent."""
+        created = self.lr_scheduler is None  # not a scheduler the user passed in `optimizers=`
+        scheduler = super().create_scheduler(num_training_steps, optimizer)  # also marks it as the trainer's own
+        if self.time_budget is None or not created:
+            return scheduler
+        kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
+        self.lr_scheduler = TimeBudgetSchedule(
+            optimizer or self.optimizer,
+            self.time_budget,
+            kind,
+            warmup_steps=self.args.get_warmup_steps(num_training_steps),
+        )
+        return self.lr_scheduler
 
     def train(self, *args, **kwargs):
         """`Trainer.train`, with nothing lost on Ctrl-C.

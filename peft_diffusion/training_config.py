@@ -7,11 +7,13 @@ training: they are not saved with the model (`DiffusionConfig` holds what the mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from trl import SFTConfig
 
+from .budget import TIME_SCHEDULES
 from .loss import NORMALIZATIONS
 
 # What happens to the padding after an answer (`trainer.eos_targets`).
@@ -42,6 +44,11 @@ class DiffusionTrainingConfig(SFTConfig):
             `"none"`: padding is never a target. `"all"` (LLaDA SFT): the padding after each answer becomes EOS
             targets, so the model learns to fill the tail of a fixed-length canvas with EOS. Needs padded batches
             (not packing / padding-free). See `peft_diffusion.trainer.eos_targets`.
+        max_train_minutes (`float`, *optional*):
+            A wall-clock budget for `train()`, in minutes: training stops after the optimizer step that spends it,
+            and the learning-rate schedule (`linear`, `cosine`, `constant`, `constant_with_warmup`) runs on time, so
+            it decays to its end when the budget does (see `peft_diffusion/budget.py`). `max_steps` /
+            `num_train_epochs` still stop training earlier when they come first: set them high. None: no budget.
         gradient_checkpointing (`bool`, *optional*):
             Alias of `activation_checkpointing`. TRL turns it on by default; here it defaults to on only when a CUDA
             device is present (on CPU it only costs time).
@@ -91,6 +98,13 @@ class DiffusionTrainingConfig(SFTConfig):
             "SFT, needs padded batches)."
         },
     )
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock budget of train() in minutes: training stops after the step that spends it and the "
+            "learning-rate schedule decays over it instead of over max_steps. None: no budget."
+        },
+    )
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Trade compute for memory; defaults to on with a CUDA device, off on CPU."},
@@ -127,6 +141,20 @@ class DiffusionTrainingConfig(SFTConfig):
                 f"`time_eps` must be in (0, 1), got time_eps={self.time_eps!r}; t is drawn from U(time_eps, 1), "
                 "a typical value is 1e-3."
             )
+        if self.max_train_minutes is not None:
+            minutes = self.max_train_minutes
+            if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes < math.inf:
+                raise ValueError(
+                    f"`max_train_minutes` must be a positive number of minutes or None, got "
+                    f"max_train_minutes={minutes!r}."
+                )
+            kind = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
+            if kind not in TIME_SCHEDULES:
+                raise ValueError(
+                    f"`max_train_minutes` runs the learning-rate schedule on time, which supports lr_scheduler_type "
+                    f"in {sorted(TIME_SCHEDULES)}, got lr_scheduler_type={kind!r}; pick one of those, or drop "
+                    "max_train_minutes and set max_steps."
+                )
         if self.loss_normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"`loss_normalization` must be one of {list(NORMALIZATIONS)}, got "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -133,6 +134,13 @@ def spy(model: DiffusionLM) -> list[dict]:
         ({"loss_normalization": "tokens"}, r"`loss_normalization` must be one of \['targets', 'masked'\]"),
         ({"eos_policy": "some"}, r"`eos_policy` must be one of"),
         ({"eos_policy": "all", "packing": True}, r"`eos_policy='all'`.*no padding"),
+        ({"max_train_minutes": 0}, r"`max_train_minutes` must be a positive number.*max_train_minutes=0"),
+        ({"max_train_minutes": float("nan")}, r"`max_train_minutes` must be a positive number"),
+        ({"max_train_minutes": "10"}, r"`max_train_minutes` must be a positive number.*'10'"),
+        (
+            {"max_train_minutes": 5, "lr_scheduler_type": "polynomial"},
+            r"lr_scheduler_type in \[.*'cosine'.*got lr_scheduler_type='polynomial'",
+        ),
     ],
 )
 def test_config_validation(tmp_path, kwargs, match):
@@ -580,3 +588,42 @@ def test_ctrl_c_on_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     assert reports[0]["checksum"] == pytest.approx(reports[1]["checksum"])
     assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "saves.log").read_text().splitlines() == ["0", "0"]  # the checkpoint, then the final model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A wall-clock budget (max_train_minutes)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "warmup"), [("cosine", 0), ("linear", 2), ("constant", 0)])
+def test_a_time_budget_stops_training_and_runs_the_schedule_on_the_clock(tmp_path, monkeypatch, kind, warmup):
+    """A fake clock advances a quarter of the budget per optimizer step: training stops after 4 steps although
+    max_steps is 100, and every logged learning rate is the hand formula of the budget fraction spent."""
+    from peft_diffusion import budget
+
+    now = [1000.0]
+    monkeypatch.setattr(budget.time, "monotonic", lambda: now[0])
+    minutes, lr = 2.0, 1e-2
+
+    class Tick(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            now[0] += minutes * 60 / 4
+
+    trainer = make_trainer(
+        tmp_path, max_steps=100, max_train_minutes=minutes, lr_scheduler_type=kind, warmup_steps=warmup,
+        learning_rate=lr,
+    )  # fmt: skip
+    trainer.add_callback(Tick())
+    trainer.train()
+    assert trainer.state.global_step == 4
+    shapes = {
+        "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)),
+        "linear": lambda p: 1 - p,
+        "constant": lambda p: 1,
+    }
+    logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    # the rate logged at step k + 1 is the one it used: warmup k / warmup, then the shape at the fraction k / 4 spent
+    expected = [lr * (k / warmup if k < warmup else shapes[kind](k / 4)) for k in range(4)]
+    assert logged == pytest.approx(expected, abs=1e-12)
+    state = trainer.lr_scheduler.state_dict()
+    assert "budget" not in state and "shape" not in state  # the clock is never restored from a checkpoint

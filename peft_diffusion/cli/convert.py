@@ -66,13 +66,6 @@ class ConvertArguments:
             "it a non-empty folder is refused (resuming with --resume_from_checkpoint writes into it)."
         },
     )
-    max_train_minutes: float | None = field(
-        default=7.0,
-        metadata={
-            "help": "Stop training once this many minutes have passed since the command started (checked every "
-            "step; loading counts, the demo does not); `max_steps` is the primary knob. 0: no limit."
-        },
-    )
     demo: bool = field(
         default=True,
         metadata={
@@ -102,22 +95,6 @@ def convert_parser():
     return parser
 
 
-def _time_limit_callback(minutes: float, started: float):
-    from transformers import TrainerCallback
-
-    class WallClockLimit(TrainerCallback):
-        """Stop training once `minutes` have passed since `started` (a `time.monotonic()` value: the start of the
-        command, so that a slow first load of the checkpoint eats into training, not into the total)."""
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if time.monotonic() - started > minutes * 60:
-                print(f"\nStopping: the {minutes:g}-minute budget is spent (step {state.global_step}).")
-                control.should_training_stop = True
-            return control
-
-    return WallClockLimit()
-
-
 def convert(argv: list[str]) -> int:
     """Run `peft-diffusion convert` with `argv` (the flags after the command); returns the exit code.
 
@@ -144,9 +121,6 @@ def convert(argv: list[str]) -> int:
         raise CommandError("LoRA is off (use_peft: false in the config): pass --full for full finetuning.")
 
     # 2. conversion and training
-    callbacks = []
-    if script_args.max_train_minutes is not None and script_args.max_train_minutes > 0:
-        callbacks.append(_time_limit_callback(script_args.max_train_minutes, started))
     with removed_if_left_empty(training_args.output_dir):  # the Trainer creates it; a failed run leaves nothing
         trainer = DiffusionTrainer(
             model_path,
@@ -156,7 +130,6 @@ def convert(argv: list[str]) -> int:
             diffusion_config=diffusion_config,
             peft_config=peft_config,
             quantization_config=get_quantization_config(model_args),
-            callbacks=callbacks,
         )
         if script_args.overwrite_output_dir:  # the model has loaded: replace the earlier run
             resuming = bool(training_args.resume_from_checkpoint)
@@ -170,9 +143,20 @@ def convert(argv: list[str]) -> int:
             f"shift={diffusion_config.shift} clean_context={diffusion_config.clean_context}; "
             f"{'full finetuning' if script_args.full else 'LoRA'}: {trainable / 1e6:.2f}M trainable parameters"
         )
+        if trainer.time_budget is not None:  # on the command line the budget counts from the start of the command
+            spent = (time.monotonic() - started) / 60
+            trainer.time_budget.minutes = max(trainer.time_budget.minutes - spent, 1e-6)  # spent: one step
+            print(
+                f"training budget: {trainer.time_budget.minutes:.1f} of {training_args.max_train_minutes:g} minutes "
+                f"left after loading (--max_train_minutes counts from the start of the command)"
+            )
         train_start = time.monotonic()
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         train_seconds = time.monotonic() - train_start
+        if trainer.time_budget is not None and trainer.time_budget.stopped_at is not None:
+            print(
+                f"Stopping: the {training_args.max_train_minutes:g}-minute budget is spent (step {result.global_step})."
+            )
         print(
             f"trained {result.global_step} steps in {train_seconds / 60:.1f} min, final training loss "
             f"{result.training_loss:.3f}"

@@ -71,7 +71,10 @@ CONVERT_DEFAULTS = {
     # training (DiffusionTrainingConfig): a budget a 2-core CPU finishes in minutes; no output_dir means
     # `<model name>-diffusion`
     "output_dir": None,
-    "max_steps": 40,
+    # the budget, not a step count, ends training: the learning rate decays over the minutes left after loading
+    # (`budget.py`); max_steps only caps a fast machine
+    "max_train_minutes": 7.0,
+    "max_steps": 10_000,
     "per_device_train_batch_size": 2,
     "max_length": 128,
     "packing": True,
