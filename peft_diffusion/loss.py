@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NORMALIZATIONS", "DiffusionLossOutput", "diffusion_loss"]
+__all__ = ["NORMALIZATIONS", "TEACHER_POSITIONS", "DiffusionLossOutput", "diffusion_loss", "teacher_kl"]
 
 NORMALIZATIONS = ("targets", "masked")
 
@@ -31,6 +31,8 @@ class DiffusionLossOutput:
         num_masked (`torch.LongTensor`, scalar): number of masked target tokens.
         token_ce (`torch.Tensor` of shape `[B, L]`): detached unweighted cross-entropy of each masked target, 0
             elsewhere (for statistics such as the loss by noise level).
+        normalizer (`torch.Tensor`, scalar): what the weighted sum was divided by (other terms of the same step, such
+            as the teacher's, are divided by it too).
     """
 
     loss: torch.Tensor
@@ -38,6 +40,7 @@ class DiffusionLossOutput:
     num_targets: torch.Tensor
     num_masked: torch.Tensor
     token_ce: torch.Tensor | None = None
+    normalizer: torch.Tensor | None = None
 
 
 def diffusion_loss(
@@ -132,4 +135,36 @@ def diffusion_loss(
         num_targets=num_targets,
         num_masked=num_masked,
         token_ce=ce.detach(),
+        normalizer=normalizer,
     )
+
+
+# Which masked targets the AR teacher scores (`teacher_kl`, `DiffusionTrainingConfig.teacher_positions`):
+# "masked": every masked target; "first_masked": the first masked target of each attention block, the one position
+# whose left context inside the block is as visible to the student as to the teacher.
+TEACHER_POSITIONS = ("masked", "first_masked")
+
+
+def teacher_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, is_scored: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each scored position, 0 elsewhere: `sum_v p_T(v) (log p_T(v) - log p_S(v))`.
+
+    Args:
+        logits (`torch.Tensor` of shape `[B, L, V]`): the student's position-aligned logits (with grad).
+        teacher_logits (`torch.Tensor` of shape `[B, L, V']`): the teacher's, aligned the same way; `-inf` marks a
+            token the teacher gives no mass (such as the mask token). Only the shared first `min(V, V')` tokens are
+            compared: the student's extra tokens count through its normalisation only.
+        is_scored (`torch.BoolTensor` of shape `[B, L]`): where to compare.
+
+    Returns:
+        `torch.Tensor` of shape `[B, L]`, float32; the gradient reaches `logits` through the scored rows only.
+    """
+    rows = is_scored.nonzero(as_tuple=True)
+    kl = torch.zeros(is_scored.shape, dtype=torch.float32, device=logits.device)  # [B, L]
+    if rows[0].numel() == 0:
+        return kl + 0.0 * logits[..., :1].sum()  # on the graph, like the loss when nothing is masked
+    vocab = min(logits.shape[-1], teacher_logits.shape[-1])
+    student = F.log_softmax(logits[rows].float(), dim=-1)[:, :vocab]  # [N, vocab]
+    teacher = F.log_softmax(teacher_logits[rows][:, :vocab].float(), dim=-1)  # [N, vocab]; -inf: no mass
+    probability = teacher.exp()  # [N, vocab]
+    terms = torch.where(probability > 0, probability * (teacher - student), 0.0)  # [N, vocab]
+    return kl.index_put(rows, terms.sum(-1))

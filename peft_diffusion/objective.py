@@ -25,7 +25,7 @@ import torch
 
 from .attention import positions_from_inputs
 from .corruption import complementary, corrupt, masked_corruption
-from .loss import diffusion_loss
+from .loss import TEACHER_POSITIONS, diffusion_loss, teacher_kl
 from .noise import expand_time, group_time, sample_time
 
 __all__ = ["MEAN_METRICS", "T_BUCKET_EDGES", "ObjectiveOutput", "diffusion_objective", "reduce_metrics"]
@@ -37,7 +37,7 @@ T_BUCKET_NAMES = tuple(
     f"masked_ce_by_t/{lo:.2f}-{hi:.2f}" for lo, hi in zip((0.0, *T_BUCKET_EDGES), (*T_BUCKET_EDGES, 1.0))
 )
 # Metrics logged as the mean of their per-step values.
-MEAN_METRICS = ("masked_ce", "mean_t", "masked_fraction")
+MEAN_METRICS = ("masked_ce", "mean_t", "masked_fraction", "teacher_kl")
 
 
 @dataclass
@@ -71,6 +71,9 @@ def diffusion_objective(
     complementary_masking: bool = False,
     normalization: str = "targets",
     num_items_in_batch: int | torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_weight: float = 0.0,
+    teacher_positions: str = "masked",
     **forward_kwargs,
 ) -> ObjectiveOutput:
     """The masked-diffusion loss (DiffuLLaMA eq. for L_t, MDLM): corrupt the targets, predict them, weight by 1/t.
@@ -83,7 +86,11 @@ def diffusion_objective(
        complementary copy;
     4. logits on x_t from `model` (a `DiffusionLM`; two-stream `[x_t ; x_0]` when its pattern trains with clean
        context);
-    5. `loss.diffusion_loss`, and the step's metrics.
+    5. `loss.diffusion_loss`, and the step's metrics;
+    6. with `teacher_logits` (the AR base's next-token logits on the clean text, aligned: `teacher_logits[:, i]`
+       predicts token i) and `teacher_weight > 0`: plus `teacher_weight * sum KL(teacher || student) / normalizer`
+       over the masked targets (`teacher_positions`: all, or the first masked target of each attention block) that
+       the teacher predicts (not a document's first token), with the ELBO's normalizer.
 
     Args: see `DiffusionLM.forward`; `forward_kwargs` go to the model's forward on x_t.
     """
@@ -159,7 +166,42 @@ def diffusion_objective(
         num_items_in_batch=None if num_items_in_batch is None else num_items_in_batch * repeat,
     )
     metrics = _step_metrics(result, corruption, is_target, all_masked & repeated(is_target), all_t)
-    return ObjectiveOutput(loss=result.loss, logits=outputs.logits, metrics=metrics)
+    loss = result.loss
+    # 6. the AR teacher
+    if teacher_logits is not None and teacher_weight > 0:
+        if teacher_positions not in TEACHER_POSITIONS:
+            raise ValueError(
+                f"`teacher_positions` must be one of {list(TEACHER_POSITIONS)}, got teacher_positions="
+                f"{teacher_positions!r}."
+            )
+        if teacher_logits.shape[:2] != input_ids.shape:
+            raise ValueError(
+                f"`teacher_logits` must have shape [B, L, V] matching `input_ids` {tuple(input_ids.shape)}, got "
+                f"{tuple(teacher_logits.shape)}."
+            )
+        scored = all_masked & repeated(is_target & (positions > 0))  # [B or 2B, L]
+        if teacher_positions == "first_masked":
+            scored = first_in_block(scored, repeated(positions), repeated(doc_ids), block_size)
+        kl = teacher_kl(outputs.logits, repeated(teacher_logits), scored)  # [B or 2B, L]
+        loss = loss + teacher_weight * kl.sum() / result.normalizer
+        metrics["teacher_kl"] = (kl.sum() / scored.sum().clamp(min=1)).detach()
+    return ObjectiveOutput(loss=loss, logits=outputs.logits, metrics=metrics)
+
+
+def first_in_block(
+    is_set: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor, block_size: int | None
+) -> torch.BoolTensor:
+    """The first set position of each attention block (`position // block_size` within a document; the whole
+    document when `block_size` is None) of each row: `[B, L]` booleans."""
+    length = is_set.shape[1]
+    block = positions // block_size if block_size else torch.zeros_like(positions)  # [B, L]
+    starts = torch.ones_like(is_set)  # [B, L]: the first position of a (document, block) run
+    starts[:, 1:] = (block[:, 1:] != block[:, :-1]) | (doc_ids[:, 1:] != doc_ids[:, :-1])
+    index = torch.arange(length, device=is_set.device).expand_as(positions)  # [B, L]
+    start_index = torch.where(starts, index, 0).cummax(dim=1).values  # [B, L]
+    before = is_set.long().cumsum(1) - is_set.long()  # [B, L]: set positions strictly before i in the row
+    before_in_block = before - before.gather(1, start_index)  # [B, L]
+    return is_set & (before_in_block == 0)
 
 
 @torch.no_grad()

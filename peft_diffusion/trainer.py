@@ -260,6 +260,11 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         self._diffusion_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._num_items_checked = False
         self._eval_generator: torch.Generator | None = None
+        if args.teacher_weight > 0 and not self.model.is_peft:
+            raise ValueError(
+                f"`teacher_weight={args.teacher_weight}` needs a LoRA model: the AR teacher is the base, i.e. the same "
+                "weights with the adapter disabled. Pass a `peft_config`, or set teacher_weight=0 for full finetuning."
+            )
         self._interrupt = SaveOnInterrupt(self)
         self.add_callback(self._interrupt)
         # `max_train_minutes`: stop on the clock and run the learning-rate schedule on it (budget.py)
@@ -354,6 +359,13 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         # 2. forward: `num_items_in_batch` (the Trainer's target count over accumulated micro-batches) normalises the
         # per-target ELBO; the per-masked-token mean ("masked") has no such count
         per_target = args.loss_normalization == "targets"
+        teacher = {}
+        if training and args.teacher_weight > 0:
+            teacher = {
+                "teacher_logits": self._teacher_logits(inputs),
+                "teacher_weight": args.teacher_weight,
+                "teacher_positions": args.teacher_positions,
+            }
         outputs = model(
             input_ids=inputs["input_ids"],
             labels=inputs["labels"],
@@ -365,6 +377,7 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
             normalization=args.loss_normalization if training else "targets",
             generator=None if training else self._eval_generator,
             num_items_in_batch=num_items_in_batch if training and per_target else None,
+            **teacher,
         )
         loss = outputs.loss
         # 3. token averaging across ranks; a per-masked-token mean is taken per micro-batch instead, and the Trainer,
@@ -381,6 +394,22 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         for name, value in self._gather_metrics(metrics).items():
             self._diffusion_metrics[mode][name].append(value)
         return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _teacher_logits(self, inputs) -> torch.Tensor:
+        """The AR teacher's next-token logits on the clean batch, aligned to positions (`[:, i]` predicts token i;
+        `[:, 0]` is never read): the base model, i.e. the adapter disabled, with its own causal attention. The mask
+        token gets no teacher mass."""
+        diffusion_model = self.accelerator.unwrap_model(self.model)
+        with diffusion_model.model.disable_adapter():
+            logits = diffusion_model.causal_lm(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs.get("attention_mask"),
+                position_ids=inputs.get("position_ids"),
+            ).logits  # [B, L, V]
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # [B, L, V]: row i predicts token i
+        logits[..., diffusion_model.config.mask_token_id] = float("-inf")
+        return logits
 
     def evaluate(self, *args, **kwargs):
         # A fixed noise seed: evaluations are comparable across checkpoints, and the training RNG stream is untouched

@@ -14,7 +14,7 @@ import torch
 from trl import SFTConfig
 
 from .budget import TIME_SCHEDULES
-from .loss import NORMALIZATIONS
+from .loss import NORMALIZATIONS, TEACHER_POSITIONS
 
 # What happens to the padding after an answer (`trainer.eos_targets`).
 EOS_POLICIES = ("none", "all")
@@ -44,6 +44,17 @@ class DiffusionTrainingConfig(SFTConfig):
             `"none"`: padding is never a target. `"all"` (LLaDA SFT): the padding after each answer becomes EOS
             targets, so the model learns to fill the tail of a fixed-length canvas with EOS. Needs padded batches
             (not packing / padding-free). See `peft_diffusion.trainer.eos_targets`.
+        teacher_weight (`float`, defaults to 0.0):
+            Weight of the AR-teacher term (LoRA only): the base model itself (the same weights with the adapter
+            disabled, causal attention, one extra no-grad forward on the clean text) gives its next-token
+            distribution at each masked target, and the loss adds `teacher_weight * KL(teacher || student)` per
+            target, normalised as the ELBO. The teacher conditions on the whole clean left context, including the
+            tokens the student sees masked; the student also sees the unmasked tokens to the right inside its block.
+            0: off.
+        teacher_positions (`str`, defaults to `"masked"`):
+            Where the teacher is compared: `"masked"`, every masked target; `"first_masked"`, the first masked target
+            of each attention block (where the student's left context inside the block is as complete as the
+            teacher's: the token a left-to-right draft commits first).
         max_train_minutes (`float`, *optional*):
             A wall-clock budget for `train()`, in minutes: training stops after the optimizer step that spends it,
             and the learning-rate schedule (`linear`, `cosine`, `constant`, `constant_with_warmup`) runs on time, so
@@ -98,6 +109,17 @@ class DiffusionTrainingConfig(SFTConfig):
             "SFT, needs padded batches)."
         },
     )
+    teacher_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the AR-teacher KL term at masked targets (LoRA only: the base is the model with its "
+            "adapter disabled); 0 turns it off."
+        },
+    )
+    teacher_positions: str = field(
+        default="masked",
+        metadata={"help": "Where the AR teacher is compared: 'masked' (every masked target) or 'first_masked'."},
+    )
     max_train_minutes: float | None = field(
         default=None,
         metadata={
@@ -140,6 +162,14 @@ class DiffusionTrainingConfig(SFTConfig):
             raise ValueError(
                 f"`time_eps` must be in (0, 1), got time_eps={self.time_eps!r}; t is drawn from U(time_eps, 1), "
                 "a typical value is 1e-3."
+            )
+        weight = self.teacher_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise ValueError(f"`teacher_weight` must be a number >= 0 (0: off), got teacher_weight={weight!r}.")
+        if self.teacher_positions not in TEACHER_POSITIONS:
+            raise ValueError(
+                f"`teacher_positions` must be one of {list(TEACHER_POSITIONS)}, got "
+                f"teacher_positions={self.teacher_positions!r}."
             )
         if self.max_train_minutes is not None:
             minutes = self.max_train_minutes

@@ -170,3 +170,53 @@ def _per_row_loss(logits, input_ids, corruption, is_target):
     is_scored = corruption.is_masked & is_target
     weighted = torch.where(is_scored, corruption.elbo_weight.double() * ce, 0.0)  # [B, L]
     return weighted.sum(-1) / is_target.sum(-1)  # [B]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The AR teacher's term
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_teacher_kl_matches_the_hand_sum_and_gives_no_mass_to_excluded_tokens():
+    from peft_diffusion.loss import teacher_kl
+
+    logits, _, is_masked, is_target, _ = _batch()
+    logits.requires_grad_(True)
+    teacher = torch.randn(2, 6, VOCAB, generator=torch.Generator().manual_seed(1))
+    teacher[..., MASK_ID] = float("-inf")  # e.g. the mask token
+    is_scored = is_masked & is_target
+    kl = teacher_kl(logits, teacher, is_scored)
+    for b in range(2):
+        for i in range(6):
+            if not is_scored[b, i]:
+                assert kl[b, i] == 0
+                continue
+            q = [math.exp(v) for v in logits[b, i].tolist()]
+            log_q = [math.log(v / sum(q)) for v in q]
+            p = [math.exp(v) for v in teacher[b, i].tolist()]  # exp(-inf) = 0
+            expected = sum(pv / sum(p) * (math.log(pv / sum(p)) - lq) for pv, lq in zip(p, log_q) if pv > 0)
+            assert kl[b, i].item() == pytest.approx(expected, rel=1e-5)
+    kl.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[~is_scored] == 0).all() and (logits.grad[is_scored].abs().sum(-1) > 0).all()
+
+
+def test_teacher_kl_is_zero_when_the_student_is_the_teacher():
+    from peft_diffusion.loss import teacher_kl
+
+    logits = torch.randn(1, 4, VOCAB)
+    assert teacher_kl(logits, logits.clone(), torch.ones(1, 4, dtype=torch.bool)).abs().max() < 1e-6
+
+
+def test_first_in_block_keeps_the_first_set_position_of_each_block_and_document():
+    from peft_diffusion.objective import first_in_block
+
+    is_set = torch.tensor([[1, 0, 1, 1, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])  # two packed documents
+    doc_ids = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1, 1, 1]])
+    # blocks of 2: doc 0 -> [0,1] [2,3] [4,5]; doc 1 -> [6,7] [8,9]
+    expected = torch.tensor([[1, 0, 1, 0, 0, 1, 1, 0, 1, 0]], dtype=torch.bool)
+    assert torch.equal(first_in_block(is_set, positions, doc_ids, 2), expected)
+    # no blocks: the first set position of each document
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(first_in_block(is_set, positions, doc_ids, None), expected)

@@ -627,3 +627,68 @@ def test_a_time_budget_stops_training_and_runs_the_schedule_on_the_clock(tmp_pat
     assert logged == pytest.approx(expected, abs=1e-12)
     state = trainer.lr_scheduler.state_dict()
     assert "budget" not in state and "shape" not in state  # the clock is never restored from a checkpoint
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The AR teacher (teacher_weight)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_the_ar_teacher_is_the_base_model_and_its_term_is_the_kl_at_masked_targets(tmp_path):
+    """The teacher's logits equal an untouched copy of the base (so the adapter is really off), and the loss with
+    `teacher_weight` adds exactly weight * sum KL(base || student) / targets over the masked targets."""
+    import copy
+
+    base = tiny_causal_lm("llama")
+    reference = copy.deepcopy(base).eval()  # the base, never converted
+    trainer = make_trainer(tmp_path, base=base, teacher_weight=0.5, max_steps=1)
+    model = trainer.model
+    with torch.no_grad():  # a trained-looking adapter: the student differs from the base
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {key: value.to(model.device) for key, value in batch.items()}
+    teacher = trainer._teacher_logits(batch)  # [B, L, V]
+    with torch.no_grad():
+        expected = reference(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+        ).logits
+    vocab = expected.shape[-1]  # the reference lacks a mask row that conversion added
+    mask_id = model.config.mask_token_id
+    assert torch.isinf(teacher[..., mask_id]).all()  # the teacher never proposes the mask token
+    if mask_id < vocab:
+        expected[..., mask_id] = float("-inf")
+    torch.testing.assert_close(teacher[:, 1:, :vocab], expected[:, :-1], rtol=1e-4, atol=1e-4)
+
+    labels = batch["labels"]
+    generator = torch.Generator().manual_seed(0)
+    t = torch.full((labels.shape[0],), 0.6)
+    is_masked = (torch.rand(labels.shape, generator=generator) < 0.6) & (labels != -100)
+    common = dict(input_ids=batch["input_ids"], labels=labels, attention_mask=batch.get("attention_mask"), t=t,
+                  is_masked=is_masked)  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        plain = model(**common)
+        with_teacher = model(**common, teacher_logits=teacher, teacher_weight=0.5)
+    student = with_teacher.logits
+    real = batch["attention_mask"].bool()
+    positions = real.long().cumsum(1) - 1  # right padding: positions count the real tokens
+    is_masked &= real
+    scored = is_masked & (positions > 0)
+    log_q = torch.log_softmax(student[scored].double(), -1)[:, :vocab]
+    log_p = torch.log_softmax(expected[:, :-1][scored[:, 1:]].double(), -1)
+    kl_sum = torch.where(log_p.exp() > 0, log_p.exp() * (log_p - log_q), 0.0).sum()  # the mask token has p = 0
+    num_targets = ((labels != -100) & real & (positions > 0)).sum()  # shift: a document's first token is no target
+    assert (with_teacher.loss - plain.loss).item() == pytest.approx(0.5 * kl_sum.item() / num_targets.item(), rel=1e-4)
+
+
+def test_training_with_the_teacher_logs_its_kl_and_full_finetuning_refuses_it(tmp_path):
+    trainer = make_trainer(tmp_path, teacher_weight=1.0, teacher_positions="first_masked", max_steps=2)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "teacher_kl" in entry]
+    assert logged and all(entry["teacher_kl"] > 0 for entry in logged)
+    with pytest.raises(ValueError, match=r"teacher_weight=1.0.*needs a LoRA model"):
+        make_trainer(tmp_path, peft=False, teacher_weight=1.0)
