@@ -192,6 +192,7 @@ def self_distilled_dataset(
     use_cache: bool = True,
     seed: int = 0,
     progress: bool = True,
+    cut_completions: Literal["drop", "trim"] = "drop",
 ):
     """Training data written by the base model itself: Magpie instructions and greedy answers for chat models, text
     continuations for base models (see the module docstring).
@@ -234,6 +235,12 @@ def self_distilled_dataset(
         use_cache (`bool`, defaults to `True`): read and write the cache.
         seed (`int`, defaults to 0): seeds the sampling (the caller's RNG state is restored afterwards).
         progress (`bool`, defaults to `True`): a tqdm bar of kept rows on stderr.
+        cut_completions (`str`, defaults to `"drop"`): a chat answer that does not end its turn within
+            `max_new_tokens`: `"drop"` it (filter `completion_cut`), or `"trim"` it back to its last sentence or line
+            end (the tokens up to the last one whose text ends in `.`, `!`, `?`, `:` or a newline; dropped as
+            `completion_cut` when there is none) and keep it, counted in `DistillationStats.trimmed`. Trimming keeps
+            most of the generation that dropping throws away (on SmolLM2-135M-Instruct about half the answers run
+            past 128 tokens), at the price of answers that end earlier than the base would.
 
     Returns:
         `datasets.Dataset` with `prompt` and `completion` (or `messages`) columns; `DistillationStats.from_dataset`
@@ -307,6 +314,8 @@ def self_distilled_dataset(
         raise ValueError(
             f"`output_format` must be one of {list(OUTPUT_FORMATS)}, got output_format={output_format!r}."
         )
+    if cut_completions not in ("drop", "trim"):
+        raise ValueError(f"`cut_completions` must be 'drop' or 'trim', got cut_completions={cut_completions!r}.")
     has_template = isinstance(tokenizer.chat_template, str) and bool(tokenizer.chat_template)
     chat = has_template if chat is None else chat
     if chat and not has_template:
@@ -356,6 +365,7 @@ def self_distilled_dataset(
         "max_repeats": max_repeats,
         "batch_size": batch_size,
         "seed": seed,
+        "cut_completions": cut_completions if chat else None,
     }
 
     # 2. the cache
@@ -460,6 +470,10 @@ def _distill(model, tokenizer, *, chat: bool, texts, settings: dict, seed: int, 
                 )
                 answered += len(batch)
                 for (prompt, context), (ids, ended) in zip(batch, answers):
+                    if chat and not ended and settings["cut_completions"] == "trim":
+                        ids = _trim_to_sentence_end(tokenizer, ids)
+                        ended = len(ids) > 0
+                        stats.trimmed += int(ended)
                     reason = _completion_filter(
                         ids,
                         ended,
@@ -515,6 +529,18 @@ def _distill(model, tokenizer, *, chat: bool, texts, settings: dict, seed: int, 
             stacklevel=3,
         )
     return rows, stats
+
+
+_SENTENCE_END = re.compile(r"[.!?:]\s*$|\n")
+
+
+def _trim_to_sentence_end(tokenizer, ids: Sequence[int]) -> list[int]:
+    """`ids` up to and including the last token whose text ends a sentence or a line (empty when none does)."""
+    ids = list(ids)
+    for end in range(len(ids), 0, -1):
+        if _SENTENCE_END.search(tokenizer.decode(ids[end - 1 : end])):
+            return ids[:end]
+    return []
 
 
 def _instructions(model, tokenizer, pre_query, size, settings, stop_ids, pad_id) -> list[tuple[str, bool]]:

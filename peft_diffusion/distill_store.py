@@ -42,6 +42,8 @@ class DistillationStats:
         attempted (`int`): prompts generated (chat) or texts tried (base).
         kept (`int`): rows returned.
         dropped (`dict[str, int]`): rows dropped, by filter (every name of `FILTERS`).
+        trimmed (`int`): kept answers that were cut by `max_new_tokens` and trimmed to a sentence end
+            (`cut_completions="trim"`).
         unused (`int`): prompts that passed their filters but were not needed (`num_examples` was reached); so
             `attempted == kept + sum(dropped.values()) + unused`.
         seconds (`float`): generation time of the run that built the rows (a cached load keeps it).
@@ -53,6 +55,7 @@ class DistillationStats:
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FILTERS, 0))
     unused: int = 0
+    trimmed: int = 0
     seconds: float = 0.0
     rows_per_minute: float = 0.0
     cache_file: str = ""

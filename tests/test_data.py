@@ -309,6 +309,7 @@ def test_default_cache_folder_follows_the_environment(tmp_path, monkeypatch):
         ({"min_distinct2": 1.5}, r"`min_distinct2` in \[0, 1\]"),
         ({"output_format": "sharegpt"}, r"`output_format` must be one of \['prompt_completion', 'messages'\]"),
         ({"texts": ["some text"]}, r"`texts` is read by the base-model path only.*chat=False"),
+        ({"cut_completions": "keep"}, r"`cut_completions` must be 'drop' or 'trim', got cut_completions='keep'"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
@@ -341,6 +342,40 @@ def test_answers_that_never_end_say_raise_max_new_tokens(tmp_path):
     ends_turns(model, answers_end=False)
     with pytest.raises(ValueError, match=r"No answer ended within max_new_tokens=12 .*raise `max_new_tokens`"):
         distill(model, chat_tokenizer(), tmp_path, batch_size=4, max_instruction_tokens=12)
+
+
+def test_cut_answers_are_trimmed_to_their_last_sentence_end_when_asked(tmp_path):
+    """Answers that never end their turn: "drop" keeps none; "trim" keeps each up to its last "." token (the model is
+    forced to write "." as its 3rd and 7th answer token), and says how many it trimmed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(120)}
+    vocab["."] = vocab.pop("w9")  # id 9 is a full stop
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="w0", bos_token="w1", eos_token="w2")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = tiny_causal_lm("llama")
+    ends_turns(model, answers_end=False)
+    generated = {"count": 0}
+
+    def full_stops(module, args, kwargs, output):
+        if kwargs["input_ids"].shape[1] > 1:
+            generated["count"] = 0
+        else:
+            generated["count"] += 1
+        output.logits[:, -1, 9] = 1e4 if generated["count"] in (2, 6) else -1e4
+
+    model.register_forward_hook(full_stops, with_kwargs=True)
+    with pytest.raises(ValueError, match="No answer ended"):
+        distill(model, tokenizer, tmp_path, batch_size=4)
+    dataset = distill(model, tokenizer, tmp_path, batch_size=4, cut_completions="trim", min_completion_tokens=1)
+    stats = DistillationStats.from_dataset(dataset)
+    assert len(dataset) == 6 and stats.trimmed >= 6
+    for row in dataset:
+        words = row["completion"][0]["content"].split()
+        assert words[-1] == "." and len(words) == 7 and words.count(".") == 2  # up to the last full stop
 
 
 # --------------------------------------------------------------------------------------------------------------
