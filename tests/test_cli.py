@@ -146,6 +146,30 @@ def test_the_default_model_is_recorded_by_its_stable_name_and_found_again(
     assert code == 0, err
 
 
+def test_a_chat_model_trains_on_its_own_answers_by_default(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """No --dataset and a chat template: the base writes its own instructions and answers (cached), and `convert`
+    trains on them; `--default_data stdlib` keeps the standard-library text."""
+    chat_dir = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, chat_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(chat_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    tokenizer.save_pretrained(chat_dir)
+    monkeypatch.setenv(defaults.CACHE_ENV, str(tmp_path / "cache"))
+    argv = ["convert", "--model", chat_dir, "--lora_r", 2, "--demo", "false", "--distill_examples", 2,
+            "--distill_max_new_tokens", 24, *FAST]  # fmt: skip
+    code, out, err = run([*argv, "--output_dir", tmp_path / "a"], capsys)
+    assert code == 0, err
+    assert re.search(r"self-distilled data: kept [12] of \d+ .*dropped: ", out)  # the filters' counts
+    assert re.search(r"data: self-distilled from the base \(chat answers\), [12] rows", out)
+    assert len(list((tmp_path / "cache" / "self_distilled").glob("*.json"))) == 1  # built once, cached
+    code, out, err = run([*argv, "--output_dir", tmp_path / "b", "--default_data", "stdlib"], capsys)
+    assert code == 0, err
+    assert "standard-library modules" in out and "self-distilled" not in out
+
+
 def test_convert_full_finetuning_saves_a_full_model(tiny_model_dir, tmp_path, capsys):
     code, out, err = run(
         ["convert", "--model", tiny_model_dir, "--output_dir", tmp_path, "--full", "--attention", "bidirectional",

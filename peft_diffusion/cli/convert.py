@@ -57,6 +57,22 @@ class ConvertArguments:
         default=None, metadata={"help": "Column holding the text (default: `dataset_text_field`, 'text')."}
     )
     stdlib_files: int = field(default=100, metadata={"help": "Modules sampled for the default data."})
+    default_data: str = field(
+        default="auto",
+        metadata={
+            "help": "Training data when --dataset is not given: 'self_distilled' (the base model's own chat answers "
+            "to instructions it writes itself, cached; only the answers are noised), 'stdlib' (the standard-library "
+            "sample), or 'auto': self_distilled for a model with a chat template, else stdlib.",
+            "choices": ["auto", "self_distilled", "stdlib"],
+        },
+    )
+    distill_examples: int = field(
+        default=64, metadata={"help": "Rows of self-distilled data (built once per model and settings, then cached)."}
+    )
+    distill_max_new_tokens: int = field(
+        default=128,
+        metadata={"help": "Longest self-distilled answer; longer ones are trimmed to their last sentence end."},
+    )
     full: bool = field(default=False, metadata={"help": "Full finetuning instead of LoRA."})
     overwrite_output_dir: bool = field(
         default=False,
@@ -202,6 +218,21 @@ def _checkpoint_and_data(script_args, training_args, model_args) -> tuple:
         model_path=model_path,
     )
     training_args.dataset_text_field = script_args.text_field or training_args.dataset_text_field
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_kwargs = {"attn_implementation": model_args.attn_implementation or "sdpa"}
+    if torch_dtype(model_args.dtype) is not None:
+        model_kwargs["dtype"] = torch_dtype(model_args.dtype)
+    training_args.model_init_kwargs = model_kwargs
+    choice = script_args.default_data
+    has_template = isinstance(tokenizer.chat_template, str) and bool(tokenizer.chat_template)
+    if script_args.dataset_name is None and choice == "auto":
+        choice = "self_distilled" if has_template else "stdlib"
+    if script_args.dataset_name is None and choice == "self_distilled":
+        print(f"model: {model_path}\noutput: {training_args.output_dir}")
+        dataset = _self_distilled(model_path, tokenizer, model_kwargs, script_args, chat=has_template)
+        source = f"self-distilled from the base ({'chat answers' if has_template else 'text continuations'})"
+        print(f"data: {source}, {len(dataset)} rows")
+        return model_path, dataset, tokenizer
     dataset = load_text_dataset(
         script_args.dataset_name,
         split=script_args.dataset_split,
@@ -210,12 +241,31 @@ def _checkpoint_and_data(script_args, training_args, model_args) -> tuple:
     )
     source = script_args.dataset_name or f"{script_args.stdlib_files} standard-library modules"
     print(f"model: {model_path}\ndata: {source}, {len(dataset)} texts\noutput: {training_args.output_dir}")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model_kwargs = {"attn_implementation": model_args.attn_implementation or "sdpa"}
-    if torch_dtype(model_args.dtype) is not None:
-        model_kwargs["dtype"] = torch_dtype(model_args.dtype)
-    training_args.model_init_kwargs = model_kwargs
     return model_path, dataset, tokenizer
+
+
+def _self_distilled(model_path: str, tokenizer, model_kwargs: dict, script_args, *, chat: bool):
+    """The base's own data (`peft_diffusion.data.self_distilled_dataset`): loaded from its cache, or generated with a
+    plain load of the base (freed before the trainer loads it, perhaps quantized)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..data import DistillationStats, self_distilled_dataset
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, **model_kwargs)
+    dataset = self_distilled_dataset(
+        base,
+        tokenizer,
+        num_examples=script_args.distill_examples,
+        max_new_tokens=script_args.distill_max_new_tokens,
+        cut_completions="trim",
+        chat=chat,
+    )
+    del base
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"self-distilled data: {DistillationStats.from_dataset(dataset).summary()}")
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------------------------
