@@ -229,10 +229,14 @@ def _checkpoint_and_data(script_args, training_args, model_args) -> tuple:
         choice = "self_distilled" if has_template else "stdlib"
     if script_args.dataset_name is None and choice == "self_distilled":
         print(f"model: {model_path}\noutput: {training_args.output_dir}")
+        if training_args.max_length is None:  # whole rows: template, instruction and answer
+            training_args.max_length = 256
         dataset = _self_distilled(model_path, tokenizer, model_kwargs, script_args, chat=has_template)
         source = f"self-distilled from the base ({'chat answers' if has_template else 'text continuations'})"
         print(f"data: {source}, {len(dataset)} rows")
         return model_path, dataset, tokenizer
+    if training_args.max_length is None:
+        training_args.max_length = 128
     dataset = load_text_dataset(
         script_args.dataset_name,
         split=script_args.dataset_split,

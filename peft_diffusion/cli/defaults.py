@@ -76,7 +76,9 @@ CONVERT_DEFAULTS = {
     "max_train_minutes": 7.0,
     "max_steps": 10_000,
     "per_device_train_batch_size": 2,
-    "max_length": 128,
+    # None: chosen by the data (`convert`): 256 tokens for self-distilled chat rows (system prompt, instruction and
+    # an answer of up to 128 tokens fit whole), 128 for packed text
+    "max_length": None,
     "packing": True,
     "learning_rate": 1e-3,
     "lr_scheduler_type": "cosine",
