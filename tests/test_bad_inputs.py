@@ -395,6 +395,17 @@ def test_lm_eval_builds_from_model_args_and_the_cli_settings(lm_eval_model_folde
     assert lm.batch_size == 4 and lm.device.type == "cpu"
     with pytest.raises(ValueError, match=r"`mc_samples` must be a positive integer, got mc_samples=2.5"):
         model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder},mc_samples=2.5")
+    # lm-eval's max_batch_size (passed by lm-eval itself, or in model_args): the upper bound of batch_size=auto
+    lm = model_class.create_from_arg_string(
+        f"pretrained={lm_eval_model_folder},max_batch_size=8,device=cpu", {**LM_EVAL_CLI_DEFAULTS, "batch_size": "auto"}
+    )
+    assert lm.batch_size == 8
+    lm = model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder},batch_size=auto,max_batch_size=64")
+    assert lm.batch_size == 32
+    lm = model_class.create_from_arg_obj({"pretrained": str(lm_eval_model_folder)}, {"max_batch_size": 4})
+    assert lm.batch_size == 32  # an explicit batch_size is used as given
+    with pytest.raises(ValueError, match=r"`max_batch_size` must be a positive integer, got max_batch_size=0"):
+        model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder},max_batch_size=0")
 
 
 # ---------------------------------------------------------------------------------------------------------------
