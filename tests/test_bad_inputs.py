@@ -397,7 +397,8 @@ def test_lm_eval_builds_from_model_args_and_the_cli_settings(lm_eval_model_folde
         model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder},mc_samples=2.5")
     # lm-eval's max_batch_size (passed by lm-eval itself, or in model_args): the upper bound of batch_size=auto
     lm = model_class.create_from_arg_string(
-        f"pretrained={lm_eval_model_folder},max_batch_size=8,device=cpu", {**LM_EVAL_CLI_DEFAULTS, "batch_size": "auto"}
+        f"pretrained={lm_eval_model_folder},max_batch_size=8,device=cpu",
+        {**LM_EVAL_CLI_DEFAULTS, "batch_size": "auto"},
     )
     assert lm.batch_size == 8
     lm = model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder},batch_size=auto,max_batch_size=64")
