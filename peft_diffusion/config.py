@@ -107,7 +107,9 @@ class DiffusionConfig(PreTrainedConfig):
             Which tokens are masked at time `t`: `"uniform"` or `"position_dependent"` (later tokens masked more at
             small t, Efficient-DLM).
         masking_strength (`float`, defaults to 0.0):
-            Strength beta >= 0 of position-dependent masking (0 is uniform).
+            Strength >= 0 of position-dependent masking (0 is uniform): the i-th of the n target tokens of a block
+            (of a document without blocks) is tilted by `exp(beta (1 - t) i)` with `beta = masking_strength / n`,
+            so `masking_strength` = beta x n, beta x the block length for a block of answer tokens.
         base_config (`dict` or `PreTrainedConfig`, *optional*):
             The base causal LM's config, kept as a sub-config.
         base_model_name_or_path (`str`, *optional*):

@@ -157,7 +157,9 @@ def position_dependent_masking(
     1. Groups and relative positions. A group is a block (block diffusion) or a sequence: a run of tokens that starts
        at `positions == 0`. Inside a group with `n` target tokens, the `k`-th target (`k = 0..n-1`, prompt and
        padding skipped) has relative position `x = k / n` in [0, 1).
-    2. Tilt. `w(t) = exp(beta (1 - t) x)` with `beta = strength`; at `t = 1` all weights are equal.
+    2. Tilt. `w(t) = exp(beta (1 - t) x)` with `beta = strength`; at `t = 1` all weights are equal. Over the target
+       index `k` this is Efficient-DLM's `exp(beta' (1 - t) k)` with `beta' = strength / n`: `strength` is the
+       per-token rate times the group's target count (the block length for a block of answer tokens).
     3. Preserved marginal: the EXPECTED NUMBER of masked targets per group is `(1 - alpha_t) n`, the same as uniform
        masking, so `t` keeps its meaning "fraction masked" for the sampler:
        `mask_prob_i = min(1, (1 - alpha_t) n w_i / sum_j w_j)`.

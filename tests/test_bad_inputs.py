@@ -397,6 +397,29 @@ def test_lm_eval_builds_from_model_args_and_the_cli_settings(lm_eval_model_folde
         model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder},mc_samples=2.5")
 
 
+def test_lm_eval_accepts_max_batch_size(lm_eval_model_folder):
+    """lm-eval passes `max_batch_size` itself (and users put it in `--model_args`): the upper bound of
+    `batch_size=auto`, as in lm-eval's `hf` model, never "unknown model_args"."""
+    from lm_eval.api.registry import get_model
+
+    import peft_diffusion.integrations.lm_eval  # noqa: F401 (registers the model)
+
+    model_class = get_model("peft_diffusion")
+    lm = model_class.create_from_arg_string(
+        f"pretrained={lm_eval_model_folder},max_batch_size=8,device=cpu",
+        {**LM_EVAL_CLI_DEFAULTS, "batch_size": "auto"},
+    )
+    assert lm.batch_size == 8
+    lm = model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder},batch_size=auto,max_batch_size=64")
+    assert lm.batch_size == 32
+    lm = model_class.create_from_arg_obj(
+        {"pretrained": str(lm_eval_model_folder), "batch_size": 16}, {"max_batch_size": 4}
+    )
+    assert lm.batch_size == 16  # an explicit batch_size is used as given
+    with pytest.raises(ValueError, match=r"`max_batch_size` must be a positive integer, got max_batch_size=0"):
+        model_class.create_from_arg_string(f"pretrained={lm_eval_model_folder},max_batch_size=0")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # An explicit per-block t follows positions, as the attention's blocks do
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,6 +57,48 @@ def test_cached_equals_uncached(arch):
     assert cached.nfe == uncached.nfe
 
 
+def reference_decode(model, prompt: torch.Tensor, max_new_tokens: int, per_step: int) -> torch.Tensor:
+    """An independent greedy decoder, written from the definition: the canvas is the prompt followed by
+    `max_new_tokens` mask tokens; blocks are `position // block_size` (the training grid); per block, left to right,
+    each step runs the model on the whole canvas, proposes the argmax token (never the mask token) at every masked
+    position of the block and commits the `per_step` most probable ones (LLaDA's confidence). No cache, no plan."""
+    block_size, mask_id = model.config.block_size, model.config.mask_token_id
+    canvas = torch.cat([prompt, torch.full((max_new_tokens,), mask_id)])[None]  # [1, P + N]
+    for start in range(0, canvas.shape[1], block_size):
+        while True:
+            is_masked = canvas[0] == mask_id  # [P + N]
+            is_masked[:start] = False
+            is_masked[start + block_size :] = False
+            if not is_masked.any():
+                break
+            with torch.no_grad():
+                logits = model(input_ids=canvas).logits[0].double()  # [P + N, V]
+            logits[:, mask_id] = -torch.inf
+            probs = logits.softmax(-1)
+            confidence, tokens = probs.max(-1)  # [P + N]
+            confidence = torch.where(is_masked, confidence, -1.0)
+            chosen = confidence.topk(min(per_step, int(is_masked.sum()))).indices
+            canvas[0, chosen] = tokens[chosen]
+    return canvas[0]
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(("prompt_length", "max_new_tokens", "steps"), [(6, 10, 10), (8, 12, 6)], ids=str)
+def test_cached_and_uncached_equal_an_independent_reference_decoder(arch, shift, prompt_length, max_new_tokens, steps):
+    """Both of the library's decoders (the exact KV cache and the uncached loop) give the reference loop's tokens:
+    one token per step over a partial first block (prompt of 6, blocks of 4), and two per step over full blocks."""
+    # a larger initialisation than the default 0.02: logits then depend on which block tokens are committed
+    config = DiffusionConfig(attention="block", block_size=BLOCK, shift=shift, mask_token_id=MASK_ID)
+    model = get_diffusion_model(tiny_causal_lm(arch, initializer_range=0.2), config).eval()
+    prompt = prompts(1, prompt_length, seed=4)[0]
+    per_step = max_new_tokens // steps
+    expected = reference_decode(model, prompt, max_new_tokens, per_step)
+    for use_cache in (True, False):
+        out = generate(model, prompt[None], max_new_tokens=max_new_tokens, steps=steps, use_cache=use_cache, **NO_EOS)
+        assert torch.equal(out[0], expected), f"use_cache={use_cache}"
+
+
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
 def test_cached_equals_uncached_without_shift(arch, backend):

@@ -338,6 +338,41 @@ def test_unverified_architecture_is_probed(monkeypatch):
     assert len(calls) == 1  # verified types are not probed
 
 
+@pytest.mark.parametrize(("backend", "probed_backends"), [("eager", ["eager"]), ("sdpa", ["sdpa", "eager"])])
+def test_the_probe_runs_every_check(backend, probed_backends, monkeypatch):
+    """The probe of an unknown architecture really runs: one perturbation forward per pattern of `CHECK_PATTERNS` on
+    each backend, on a tiny copy of the model's own class, each under its diffusion layout; not just no exception."""
+    from peft_diffusion import _compat
+    from peft_diffusion import probe as probe_module
+
+    forwards = []
+    influence = probe_module._influence
+    layouts = []
+    attention = probe_module.diffusion_attention
+
+    def recording_attention(layout):
+        layouts.append(layout.pattern + ("+clean" if layout.is_clean is not None else ""))
+        return attention(layout)
+
+    def recording_influence(causal_lm, input_ids, position_ids, tolerance):
+        forwards.append((type(causal_lm).__name__, _compat.attn_implementation(causal_lm.config), input_ids.shape[1]))
+        return influence(causal_lm, input_ids, position_ids, tolerance)
+
+    monkeypatch.setattr(probe_module, "_influence", recording_influence)
+    monkeypatch.setattr(probe_module, "diffusion_attention", recording_attention)
+    base = unknown_architecture()
+    base.set_attn_implementation(backend)
+    get_diffusion_model(base, DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID))
+    patterns = probe_module.CHECK_PATTERNS
+    assert len(forwards) == len(patterns) * len(probed_backends)
+    assert [implementation for _, implementation, _ in forwards] == [b for b in probed_backends for _ in patterns]
+    assert {name for name, _, _ in forwards} == {type(base).__name__}
+    length = probe_module.CHECK_LENGTH
+    assert sorted({width for _, _, width in forwards}) == [length, 2 * length]  # the two-stream layout ran
+    expected = ["block+clean" if p == "block+clean_context" else p.split("+")[0] for p in patterns]
+    assert layouts == expected * len(probed_backends)
+
+
 def test_probe_rejects_a_model_that_ignores_the_mask(monkeypatch):
     from peft_diffusion import probe as probe_module
 

@@ -351,6 +351,41 @@ def test_position_dependent_masks_later_tokens_more_at_small_t():
     assert last - first > 4 * math.sqrt(0.25 / (4 * batch_size) * 2)
 
 
+@pytest.mark.parametrize("schedule", sorted(NOISE_SCHEDULES))
+@pytest.mark.parametrize(("strength", "t"), [(2.0, 0.3), (8.0, 0.6)])
+def test_position_dependent_probabilities_follow_the_paper_formula(schedule, strength, t):
+    """Efficient-DLM's tilt written directly: the i-th target of a group of n targets is masked with probability
+    min(1, (1 - alpha_t) n exp(beta (1 - t) i) / sum_j exp(beta (1 - t) j)), beta = strength / n (the documented
+    relation `masking_strength` = beta x n, n = the block length for a block of answer tokens); the library's
+    probabilities and the empirical frequencies over many draws both match it (strength 8 at t = 0.6 clips)."""
+    batch_size, seq_len, block_size = 20000, 16, 8
+    is_target = torch.ones(batch_size, seq_len, dtype=torch.bool)
+    is_target[:, :3] = False  # a prompt: block 0 holds 5 targets, block 1 holds 8
+    out = corrupt(
+        torch.zeros(batch_size, seq_len, dtype=torch.long),
+        is_target,
+        torch.full((batch_size,), t),
+        mask_token_id=MASK_ID,
+        schedule=schedule,
+        masking="position_dependent",
+        strength=strength,
+        block_size=block_size,
+        generator=_generator(4),
+    )
+    rate = 1 - get_noise_schedule(schedule).alpha(torch.tensor(t, dtype=torch.float64)).item()
+    expected = [0.0] * 3
+    for n in (5, 8):  # the two groups, in order
+        beta = strength / n
+        tilt = [math.exp(beta * (1 - t) * i) for i in range(n)]
+        expected += [min(1.0, rate * n * w / sum(tilt)) for w in tilt]
+    expected = torch.tensor(expected, dtype=torch.float64)  # [16]
+    torch.testing.assert_close(out.mask_prob[0].double(), expected, rtol=1e-6, atol=1e-7)
+    frequency = out.is_masked.double().mean(0)  # [16]
+    std = (expected * (1 - expected) / batch_size).sqrt().clamp(min=1e-9)
+    assert ((frequency - expected).abs() <= 4.5 * std).all(), (frequency, expected)
+    assert (expected[8:] == 1.0).any() == (strength == 8.0)
+
+
 def test_position_dependent_is_near_uniform_close_to_t_one():
     mask_prob, _ = _position_dependent(t=0.999, strength=2.0)
     assert (mask_prob - 0.999).abs().max() < 2e-3

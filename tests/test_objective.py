@@ -68,13 +68,119 @@ def test_loss_equals_hand_computation(attention, shift):
     assert torch.equal(out.metrics["masked_by_t"], counts)
 
 
-def test_sampled_corruption_touches_only_targets_and_is_seeded():
-    model = get_diffusion_model(tiny_causal_lm("llama"), DiffusionConfig(mask_token_id=MASK_ID, block_size=4))
-    input_ids, labels, attention_mask = batch()
-    first = model(input_ids=input_ids, labels=labels, generator=torch.Generator().manual_seed(1)).loss
-    again = model(input_ids=input_ids, labels=labels, generator=torch.Generator().manual_seed(1)).loss
-    other = model(input_ids=input_ids, labels=labels, generator=torch.Generator().manual_seed(2)).loss
-    assert first == again and first != other
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("shift", [True, False])
+def test_block_loss_equals_hand_computation_on_truncated_forwards(shift, arch):
+    """Block attention with clean context, the reference logits taken without the two-stream layout: for block b the
+    model runs on [clean blocks < b ; noisy block b] alone (what decoding sees), and the 1/t-weighted masked CE is
+    summed by hand over the targets and divided by their number."""
+    config = DiffusionConfig(attention="block", block_size=4, shift=shift, mask_token_id=MASK_ID, clean_context=True)
+    model = get_diffusion_model(tiny_causal_lm(arch), config).eval()
+    input_ids, labels, attention_mask = batch(seed=3, length=12)  # row 0: prompt 0..1; row 1: padding 10..11
+    generator = torch.Generator().manual_seed(5)
+    is_masked = torch.rand(2, 12, generator=generator) < 0.6
+    t = torch.tensor([[0.7, 0.3, 0.9], [0.2, 0.6, 0.5]])  # one time per block
+    with torch.no_grad():
+        out = model(input_ids=input_ids, labels=labels, attention_mask=attention_mask, t=t, is_masked=is_masked)
+    is_target = (labels != -100) & attention_mask.bool()
+    if shift:
+        is_target[:, 0] = False
+    noisy = torch.where(is_masked & is_target, MASK_ID, input_ids)
+    total = torch.zeros((), dtype=torch.float64)
+    for row in range(2):
+        for b in range(3):
+            end = 4 * (b + 1)
+            truncated = torch.cat([input_ids[row, : 4 * b], noisy[row, 4 * b : end]])[None]  # [1, end]
+            with torch.no_grad():
+                logits = model(input_ids=truncated, attention_mask=attention_mask[row : row + 1, :end]).logits
+            log_probs = torch.log_softmax(logits[0].double(), -1)  # [end, V]
+            for i in range(4 * b, end):
+                if is_masked[row, i] and is_target[row, i]:
+                    total += -log_probs[i, input_ids[row, i]] / t[row, b].double()
+    expected = total / is_target.sum()
+    assert (is_masked & is_target).sum() >= 6
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-6, atol=5e-6)
+
+
+def capture_loss_inputs(monkeypatch) -> list[dict]:
+    """Record what the objective hands to `diffusion_loss`: the noisy logits' inputs, the masked positions, the
+    targets and the ELBO weights of every copy (the objective's own view of its corruption)."""
+    from peft_diffusion import objective as objective_module
+
+    calls = []
+    loss = objective_module.diffusion_loss
+
+    def recording(logits, input_ids, is_masked, is_target, weight, **kwargs):
+        calls.append(dict(input_ids=input_ids, is_masked=is_masked, is_target=is_target, weight=weight))
+        return loss(logits, input_ids, is_masked, is_target, weight, **kwargs)
+
+    monkeypatch.setattr(objective_module, "diffusion_loss", recording)
+    return calls
+
+
+def capture_noisy_ids(model) -> list[torch.Tensor]:
+    """Record the `input_ids` (x_t) of every inner forward (the objective's forward on the corrupted copies)."""
+    seen = []
+    forward = model.forward
+
+    def recording(*args, **kwargs):
+        if kwargs.get("labels") is None:
+            seen.append(kwargs["input_ids"])
+        return forward(*args, **kwargs)
+
+    model.forward = recording
+    return seen
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_sampled_corruption_touches_only_targets_and_is_seeded(shift, monkeypatch):
+    """Exactly which tokens change: only targets (labels != -100, real tokens, not a document's first token under the
+    shift) become the mask token, every other token is fed unchanged; the draw is the documented one."""
+    model = get_diffusion_model(
+        tiny_causal_lm("llama"), DiffusionConfig(mask_token_id=MASK_ID, block_size=4, shift=shift)
+    )
+    input_ids, labels, attention_mask = batch(length=16)
+    labels[1, -2:] = input_ids[1, -2:]  # padding with labels: the attention mask alone keeps it clean
+    calls, seen = capture_loss_inputs(monkeypatch), capture_noisy_ids(model)
+    first = model(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=attention_mask,
+        time_eps=0.5,
+        generator=torch.Generator().manual_seed(1),
+    )
+    noisy = seen[0]  # [2, 16]
+    is_target = (labels != -100) & attention_mask.bool()
+    if shift:
+        is_target[:, 0] = False
+    assert torch.equal(calls[0]["is_target"], is_target)
+    is_masked = calls[0]["is_masked"]
+    assert is_masked.any() and not (is_masked & ~is_target).any()
+    assert torch.equal(noisy, torch.where(is_masked, MASK_ID, input_ids))  # masked -> mask id, the rest unchanged
+    # with t >= 0.5 a quarter of the 24 targets is masked with overwhelming probability
+    assert (is_masked & is_target).sum() >= 0.25 * is_target.sum()
+    # the draw is `sample_time` then `corrupt` on one generator, as documented
+    generator = torch.Generator().manual_seed(1)
+    positions = torch.arange(16).expand(2, -1)
+    t = group_time(sample_time(2, 16, eps=0.5, generator=generator), positions, torch.zeros_like(positions), 4)
+    expected = corrupt(input_ids, is_target, t, mask_token_id=MASK_ID, block_size=4, generator=generator)
+    assert torch.equal(is_masked, expected.is_masked)
+    torch.testing.assert_close(calls[0]["weight"], expected.elbo_weight)
+    again = model(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=attention_mask,
+        time_eps=0.5,
+        generator=torch.Generator().manual_seed(1),
+    )
+    other = model(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=attention_mask,
+        time_eps=0.5,
+        generator=torch.Generator().manual_seed(2),
+    )
+    assert first.loss == again.loss and first.loss != other.loss
 
 
 @pytest.mark.parametrize("masking", ["uniform", "position_dependent"])
@@ -116,19 +222,68 @@ def test_packed_documents_are_noised_per_document_block(masking):
     torch.testing.assert_close(drawn.metrics["mean_t"], (t * is_target).sum() / is_target.sum())
 
 
-def test_complementary_masking_scores_every_target_once():
-    model = get_diffusion_model(
-        tiny_causal_lm("llama"), DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID)
+@pytest.mark.parametrize("masking", ["uniform", "position_dependent"])
+def test_complementary_masking_scores_every_target_once(masking, monkeypatch):
+    """Each target is masked in exactly one copy of the pair, prompt/padding/first tokens in neither; both copies
+    carry the time floor: no weight above 1 / time_eps (the primary's 1/t for t >= eps, the complement's
+    p / max(1 - p, eps))."""
+    strength = 1.0 if masking == "position_dependent" else 0.0
+    config = DiffusionConfig(
+        attention="block", block_size=4, mask_token_id=MASK_ID, masking=masking, masking_strength=strength
     )
-    input_ids, labels, attention_mask = batch()
+    model = get_diffusion_model(tiny_causal_lm("llama"), config)
+    input_ids, labels, attention_mask = batch(length=16)
+    calls, seen = capture_loss_inputs(monkeypatch), capture_noisy_ids(model)
+    eps = 0.25
     out = model(
         input_ids=input_ids,
         labels=labels,
         attention_mask=attention_mask,
         complementary_masking=True,
+        time_eps=eps,
         generator=torch.Generator().manual_seed(0),
     )
+    is_target = (labels != -100) & attention_mask.bool()
+    is_target[:, 0] = False  # shift: a document's first token is never a target
+    is_masked, weight = calls[0]["is_masked"], calls[0]["weight"]  # [4, 16]: the primary rows, then the complement
+    primary, second = is_masked[:2], is_masked[2:]
+    assert torch.equal(primary ^ second, is_target) and not (primary & second).any()
+    assert torch.equal(seen[0], torch.where(is_masked, MASK_ID, input_ids.repeat(2, 1)))
     assert out.logits.shape[0] == 4 and torch.isfinite(out.loss)
+    # the weights by hand from the same draw: the primary's, and p / max(1 - p, eps) times it for the complement
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.arange(16).expand(2, -1)
+    t = group_time(sample_time(2, 16, eps=eps, generator=generator), positions, torch.zeros_like(positions), 4)
+    assert (t >= eps).all()
+    first = corrupt(
+        input_ids,
+        is_target,
+        t,
+        mask_token_id=MASK_ID,
+        masking=masking,
+        strength=strength,
+        block_size=4,
+        generator=generator,
+    )
+    assert torch.equal(primary, first.is_masked)
+    p = first.mask_prob
+    expected = torch.where(is_target & (p < 1), first.elbo_weight * p / (1 - p).clamp(min=eps), 0.0)
+    torch.testing.assert_close(weight[:2], first.elbo_weight)
+    torch.testing.assert_close(weight[2:], expected)
+    if masking == "uniform":  # 1/t and 1/max(1 - t, eps): both at most 1 / eps
+        scored = is_masked & is_target.repeat(2, 1)
+        assert (weight[scored] > 0).all() and (weight[scored] <= 1 / eps + 1e-4).all()
+    if masking == "uniform":  # near t = 1 the floor caps the complement at 1 / eps (1 / (1 - t) would be 1000)
+        model(
+            input_ids=input_ids,
+            labels=labels,
+            attention_mask=attention_mask,
+            t=torch.full((2, 4), 0.999),
+            complementary_masking=True,
+            time_eps=eps,
+        )
+        second_weight = calls[-1]["weight"][2:]
+        torch.testing.assert_close(second_weight[is_target], torch.full_like(second_weight[is_target], 1 / eps))
 
 
 def test_labels_without_targets_raise():

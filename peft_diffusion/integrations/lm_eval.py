@@ -69,6 +69,8 @@ class DiffusionLMEval(LM):
         batch_size (`int` or `"auto"`, defaults to 32): rows per forward pass (likelihood) and prompts per
             `generate` call (`"auto"`: 32). Given in `model_args` it wins over lm-eval's `--batch_size` (whose
             default, 1, lm-eval always passes).
+        max_batch_size (`int`, *optional*): the upper bound of `batch_size="auto"`, as for lm-eval's `hf` model
+            (lm-eval passes it, `None` by default); an explicit `batch_size` is used as given.
         steps (`int`, *optional*), block_length (`int`, *optional*): decoding settings of `generate_until`.
         max_new_tokens (`int`, defaults to 256): generation length when a task sets no `max_gen_toks`.
         max_length (`int`, *optional*): the context window of rolling windows and prompt truncation; defaults to
@@ -96,6 +98,7 @@ class DiffusionLMEval(LM):
         tokenizer=None,
         mc_samples: int = 32,
         batch_size: int | str = 32,
+        max_batch_size: int | None = None,
         steps: int | None = None,
         block_length: int | None = None,
         max_new_tokens: int = 256,
@@ -108,13 +111,14 @@ class DiffusionLMEval(LM):
         super().__init__()
         if (pretrained is None) == (model is None):
             raise ValueError("Pass exactly one of `pretrained` (a folder) and `model` (a DiffusionLM).")
-        if kwargs.get("max_batch_size") is None:
-            kwargs.pop("max_batch_size", None)
         if kwargs:
             raise ValueError(f"Unknown model_args for peft_diffusion: {sorted(kwargs)}.")
         _check_mc_samples(mc_samples)
+        if max_batch_size is not None:
+            _check_positive_int("max_batch_size", max_batch_size, "use e.g. 64, or leave it out.")
         if isinstance(batch_size, str):
-            batch_size = 32 if batch_size.startswith("auto") else int(batch_size)
+            auto = 32 if max_batch_size is None else min(32, max_batch_size)
+            batch_size = auto if batch_size.startswith("auto") else int(batch_size)
         _check_positive_int("batch_size", batch_size, "use e.g. 32, or auto.")
         if model is None:
             load_kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
