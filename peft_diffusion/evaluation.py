@@ -44,6 +44,17 @@ scored on the input truncated at its end, earlier blocks clean (what the decoder
 blocks are absent. Under bidirectional (or annealed, which runs bidirectionally at inference) attention there is one
 group, `y`, and the input is `c ; y`.
 
+The deterministic alternative (`estimator="left_to_right"`). Within each group, score the targets in the order the
+semi-autoregressive decoder commits them when it writes one token per step from left to right: row `j` masks
+`y_{start+j} .. y_{end-1}` of every group and reads `l_{start+j}`, so the rows sum to
+
+    LTR = sum_G sum_{i in G} log p(y_i | c, earlier blocks, y_{start_G .. i-1})                      (3)
+
+the exact log-likelihood of `y` under that one-token-per-step left-to-right sampler (one term of the any-order
+mixture of (1), so not a bound on it), with no sampling variance: one forward per position of the largest group
+(the block size under block attention with clean context). For ranking answers it replaces many Monte-Carlo samples
+by a few forwards; it favours models that decode left to right, as converted AR models do.
+
 With `block_size = 1`, clean context and shift, every group is a single token (`k = n_G = 1`) and the estimate is
 deterministic: `sum_i log p(y_i | c, y_<i)`, the causal LM's own log-likelihood (the AR-equivalent case).
 """
@@ -61,6 +72,7 @@ from .architectures import context_window
 from .generation import _check_token_ids
 
 __all__ = [
+    "ESTIMATORS",
     "LikelihoodEstimate",
     "PerplexityBound",
     "ar_nll_per_token",
@@ -68,6 +80,9 @@ __all__ = [
     "loglikelihood_batch",
     "nll_per_token",
 ]
+
+# `loglikelihood(..., estimator=...)`: the Monte-Carlo ELBO, or the deterministic left-to-right likelihood (docstring)
+ESTIMATORS = ("elbo", "left_to_right")
 
 
 @dataclass(frozen=True)
@@ -177,8 +192,10 @@ def _pair_rows(
     block_size: int | None,
     two_stream: bool,
     generator: torch.Generator | None,
+    estimator: str = "elbo",
 ) -> list[_Row]:
-    """The rows of one (context, continuation) pair: `mc_samples` ELBO samples plus the greedy row(s).
+    """The rows of one (context, continuation) pair: `mc_samples` ELBO samples (or the `left_to_right` rows, all
+    counted as sample 0) plus the greedy row(s).
 
     1. groups of targets (the continuation, or its part of each block);
     2. per group, stratified counts `k_j` (shuffled over samples) and a uniform subset of size `k_j` per sample;
@@ -188,6 +205,8 @@ def _pair_rows(
     length = ids.shape[0]
     # 1. groups
     groups = _groups(num_context, length, block_size)
+    if estimator == "left_to_right":
+        return _left_to_right_rows(pair, ids, num_context, groups, mask_token_id, block_size, two_stream)
     # 2. stratified counts and subsets, per group: is_masked[j, i] and weights[j, i]
     is_masked = torch.zeros(mc_samples, length, dtype=torch.bool)  # [M, L]
     weights = torch.zeros(mc_samples, length, dtype=torch.float64)  # [M, L]
@@ -221,6 +240,45 @@ def _pair_rows(
             noisy = ids[:row_end].masked_fill(masked, mask_token_id)
             rows.append(_Row(pair, j, noisy, ids[:row_end], (weights[j] * in_group)[:row_end], masked))
         masked = in_group[:row_end]
+        rows.append(
+            _Row(
+                pair, -1, ids[:row_end].masked_fill(masked, mask_token_id), ids[:row_end], torch.zeros(row_end), masked
+            )
+        )
+    return rows
+
+
+def _left_to_right_rows(pair, ids, num_context, groups, mask_token_id, block_size, two_stream) -> list[_Row]:
+    """The rows of the `left_to_right` estimator (module docstring): row `j` masks positions `start + j .. end - 1` of
+    every group and scores position `start + j` (weight 1), so that the rows sum to
+    `sum_G sum_j log p(y_{start+j} | c, earlier blocks, y_{start..start+j-1})`; plus the greedy row(s)."""
+    length = ids.shape[0]
+    rows = []
+    if block_size is None or two_stream:  # every group in one row per j
+        for j in range(max(end - start for start, end in groups)):
+            masked = torch.zeros(length, dtype=torch.bool)
+            weights = torch.zeros(length, dtype=torch.float64)
+            for start, end in groups:
+                if start + j < end:
+                    masked[start + j : end] = True
+                    weights[start + j] = 1.0
+            rows.append(_Row(pair, 0, ids.masked_fill(masked, mask_token_id), ids, weights, masked))
+        greedy = torch.zeros(length, dtype=torch.bool)
+        greedy[num_context:] = True
+        rows.append(_Row(pair, -1, ids.masked_fill(greedy, mask_token_id), ids, torch.zeros(length), greedy))
+        return rows
+    for start, end in groups:  # block attention without clean context: the input ends at the group's block
+        row_end = min(-(-end // block_size) * block_size, length)
+        for first in range(start, end):
+            masked = torch.zeros(row_end, dtype=torch.bool)
+            masked[first:end] = True
+            weights = torch.zeros(row_end, dtype=torch.float64)
+            weights[first] = 1.0
+            rows.append(
+                _Row(pair, 0, ids[:row_end].masked_fill(masked, mask_token_id), ids[:row_end], weights, masked)
+            )
+        masked = torch.zeros(row_end, dtype=torch.bool)
+        masked[start:end] = True
         rows.append(
             _Row(
                 pair, -1, ids[:row_end].masked_fill(masked, mask_token_id), ids[:row_end], torch.zeros(row_end), masked
@@ -284,6 +342,7 @@ def loglikelihood_batch(
     mc_samples: int = 32,
     batch_size: int = 32,
     generator: torch.Generator | None = None,
+    estimator: str = "elbo",
 ) -> list[LikelihoodEstimate]:
     r"""Monte-Carlo ELBO estimates of `log p(continuation | context)` for many pairs, batched over samples and pairs.
 
@@ -304,6 +363,10 @@ def loglikelihood_batch(
         mc_samples (`int`, defaults to 32): Monte-Carlo samples per pair, a positive integer.
         batch_size (`int`, defaults to 32): rows per forward pass, a positive integer.
         generator (`torch.Generator`, *optional*): a CPU generator, for reproducible estimates.
+        estimator (`str`, defaults to `"elbo"`): `"elbo"`, the Monte-Carlo ELBO above; or `"left_to_right"`, the
+            deterministic log-likelihood of the model's own semi-autoregressive decoding order (module docstring):
+            no variance (`stderr` 0, `mc_samples` unused) and one forward per position of the largest group (the
+            block size under block attention with clean context).
 
     Returns:
         `list[LikelihoodEstimate]`, one per request.
@@ -325,6 +388,10 @@ def loglikelihood_batch(
     """
     _check_mc_samples(mc_samples)
     _check_positive_int("batch_size", batch_size, "use e.g. 32 (rows per forward pass).")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, got estimator={estimator!r}.")
+    if estimator == "left_to_right":
+        mc_samples = 1  # one deterministic sample: the sum of its rows
     config = model.config
     block_size = config.attention_block_size
     two_stream = config.uses_clean_context
@@ -355,6 +422,7 @@ def loglikelihood_batch(
             block_size=block_size,
             two_stream=two_stream,
             generator=generator,
+            estimator=estimator,
         )
         num_tokens.append(continuation.shape[0])
     # 3. scores
@@ -383,6 +451,7 @@ def loglikelihood(
     mc_samples: int = 32,
     batch_size: int = 32,
     generator: torch.Generator | None = None,
+    estimator: str = "elbo",
 ) -> LikelihoodEstimate:
     r"""Monte-Carlo ELBO estimate of `log p(continuation | context)`: a lower bound on the log-likelihood.
 
@@ -397,6 +466,8 @@ def loglikelihood(
         mc_samples (`int`, defaults to 32): Monte-Carlo samples, a positive integer.
         batch_size (`int`, defaults to 32): samples per forward pass.
         generator (`torch.Generator`, *optional*): a CPU generator, for reproducible estimates.
+        estimator (`str`, defaults to `"elbo"`): `"elbo"` or the deterministic `"left_to_right"` (see
+            `loglikelihood_batch`).
 
     Returns:
         `LikelihoodEstimate` (`logprob`, `stderr`, `num_tokens`, `is_greedy`).
@@ -418,7 +489,12 @@ def loglikelihood(
     _check_scorable(model, _as_ids(context_ids), "`context_ids`")
     _check_scorable(model, _as_ids(continuation_ids), "`continuation_ids`")
     return loglikelihood_batch(
-        model, [(context_ids, continuation_ids)], mc_samples=mc_samples, batch_size=batch_size, generator=generator
+        model,
+        [(context_ids, continuation_ids)],
+        mc_samples=mc_samples,
+        batch_size=batch_size,
+        generator=generator,
+        estimator=estimator,
     )[0]
 
 

@@ -127,6 +127,50 @@ def test_block_size_one_with_clean_context_is_the_causal_likelihood():
     assert estimate.logprob == pytest.approx(causal_logprob(model, CONTEXT + CONTINUATION, len(CONTEXT)), abs=1e-4)
 
 
+def left_to_right_reference(model, ids, groups):
+    """Eq. (3) from the enumeration: per group, position i scored with i..end-1 masked (the input cut at the block's
+    end, earlier tokens clean)."""
+    total = 0.0
+    for start, end, end_of_block in groups:
+        table = subset_logprobs(model, ids[:end_of_block], start, end)
+        total += sum(float(table[frozenset(range(i, end))][i]) for i in range(start, end))
+    return total
+
+
+@pytest.mark.parametrize(
+    ("attention", "block_size", "clean_context", "groups"),
+    [
+        ("bidirectional", 4, True, [(3, 7, 7)]),
+        ("block", 2, True, [(3, 4, 4), (4, 6, 6), (6, 7, 7)]),
+        ("block", 2, False, [(3, 4, 4), (4, 6, 6), (6, 7, 7)]),
+    ],
+)
+def test_left_to_right_is_the_exact_likelihood_of_left_to_right_decoding(attention, block_size, clean_context, groups):
+    model = diffusion(attention, block_size=block_size, clean_context=clean_context)
+    ids = CONTEXT + CONTINUATION
+    estimate = loglikelihood(model, CONTEXT, CONTINUATION, estimator="left_to_right")
+    assert estimate.stderr == 0.0 and estimate.num_tokens == 4
+    assert estimate.logprob == pytest.approx(left_to_right_reference(model, ids, groups), abs=1e-4)
+    # deterministic, whatever the generator and mc_samples
+    again = loglikelihood(
+        model, CONTEXT, CONTINUATION, estimator="left_to_right", mc_samples=7, generator=generator(5)
+    )
+    assert again.logprob == estimate.logprob
+
+
+def test_left_to_right_with_block_size_one_is_the_causal_likelihood():
+    model = diffusion("block", block_size=1)
+    estimate = loglikelihood(model, CONTEXT, CONTINUATION, estimator="left_to_right")
+    assert estimate.logprob == pytest.approx(causal_logprob(model, CONTEXT + CONTINUATION, len(CONTEXT)), abs=1e-4)
+
+
+def test_unknown_estimator_is_named():
+    with pytest.raises(
+        ValueError, match=r"`estimator` must be one of \['elbo', 'left_to_right'\], got estimator='ar'"
+    ):
+        loglikelihood(diffusion(), CONTEXT, CONTINUATION, estimator="ar")
+
+
 def test_stderr_shrinks_like_one_over_sqrt_samples():
     model = diffusion("bidirectional")
     continuation = [9, 33, 71, 12, 8, 60, 101, 4]
@@ -345,6 +389,10 @@ def test_lm_eval_loglikelihood_matches_the_estimator(lm_eval_setup):
     # an empty context is conditioned on the BOS token
     [(empty, _)] = lm.loglikelihood([Instance("loglikelihood", {}, ("", "w8"), 0)])
     assert empty == pytest.approx(loglikelihood(lm.model, [1], [8], mc_samples=4, generator=generator(7)).logprob)
+    # the deterministic estimator through lm-eval
+    ltr = DiffusionLMEval(model=lm.model, tokenizer=lm.tokenizer, estimator="left_to_right")
+    [(logprob, _)] = ltr.loglikelihood([request])
+    assert logprob == pytest.approx(loglikelihood(lm.model, [5, 6, 7], [8, 9], estimator="left_to_right").logprob)
     # generate_until stops at the stop sequence
     [text] = lm.generate_until([Instance("generate_until", {}, ("w5 w6", {"until": ["w2"], "max_gen_toks": 3}), 0)])
     assert "w2" not in text.split()

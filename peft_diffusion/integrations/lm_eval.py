@@ -40,7 +40,7 @@ except ImportError as error:
     ) from error
 
 from ..architectures import context_window
-from ..evaluation import _check_mc_samples, _check_positive_int, loglikelihood_batch
+from ..evaluation import ESTIMATORS, _check_mc_samples, _check_positive_int, loglikelihood_batch
 from ..model import DiffusionLM
 from ..sources import local_model_path
 
@@ -66,6 +66,8 @@ class DiffusionLMEval(LM):
         tokenizer (`str` or `PreTrainedTokenizerBase`, *optional*): defaults to the tokenizer saved with
             `pretrained`, else with the base model.
         mc_samples (`int`, defaults to 32): Monte-Carlo samples per likelihood, a positive integer.
+        estimator (`str`, defaults to `"elbo"`): `"elbo"` (Monte-Carlo ELBO) or `"left_to_right"` (deterministic,
+            a few forwards per request; `evaluation.loglikelihood_batch`).
         batch_size (`int` or `"auto"`, defaults to 32): rows per forward pass (likelihood) and prompts per
             `generate` call (`"auto"`: 32). Given in `model_args` it wins over lm-eval's `--batch_size` (whose
             default, 1, lm-eval always passes).
@@ -97,6 +99,7 @@ class DiffusionLMEval(LM):
         model=None,
         tokenizer=None,
         mc_samples: int = 32,
+        estimator: str = "elbo",
         batch_size: int | str = 32,
         max_batch_size: int | None = None,
         steps: int | None = None,
@@ -114,6 +117,9 @@ class DiffusionLMEval(LM):
         if kwargs:
             raise ValueError(f"Unknown model_args for peft_diffusion: {sorted(kwargs)}.")
         _check_mc_samples(mc_samples)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, got estimator={estimator!r}.")
+        self.estimator = estimator
         if max_batch_size is not None:
             _check_positive_int("max_batch_size", max_batch_size, "use e.g. 64, or leave it out.")
         if isinstance(batch_size, str):
@@ -174,7 +180,12 @@ class DiffusionLMEval(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self._encode_pair(*request.args) for request in requests]
         estimates = loglikelihood_batch(
-            self.model, pairs, mc_samples=self.mc_samples, batch_size=self.batch_size, generator=self._generator()
+            self.model,
+            pairs,
+            mc_samples=self.mc_samples,
+            batch_size=self.batch_size,
+            generator=self._generator(),
+            estimator=self.estimator,
         )
         return [(estimate.logprob, estimate.is_greedy) for estimate in estimates]
 
@@ -187,7 +198,12 @@ class DiffusionLMEval(LM):
                 pairs.append(window)
                 owners.append(index)
         estimates = loglikelihood_batch(
-            self.model, pairs, mc_samples=self.mc_samples, batch_size=self.batch_size, generator=self._generator()
+            self.model,
+            pairs,
+            mc_samples=self.mc_samples,
+            batch_size=self.batch_size,
+            generator=self._generator(),
+            estimator=self.estimator,
         )
         totals = [0.0] * len(requests)
         for owner, estimate in zip(owners, estimates):
