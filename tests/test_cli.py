@@ -188,8 +188,8 @@ def test_convert_full_finetuning_saves_a_full_model(tiny_model_dir, tmp_path, ca
     expected = base.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     expected_text = tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert f"AR base  : {_one_line(expected_text)}\n" in out
-    # bidirectional attention: the infilling example uses DiffusionLM.infill with the whole suffix
-    assert "=== Infilling" in out and "block attention" not in out
+    # bidirectional attention: the infilling example uses DiffusionLM.infill with the whole suffix; no speculation
+    assert "=== Infilling" in out and "block attention" not in out and "speculative" not in out
 
 
 def test_convert_demo_prints_generations_speed_infilling_and_saves_the_trajectory(tiny_model_dir, tmp_path, capsys):
@@ -203,6 +203,16 @@ def test_convert_demo_prints_generations_speed_infilling_and_saves_the_trajector
         assert f"> {prompt}" in out
     assert out.count("AR base  :") == 2
     assert "tokens/s" in out and "NFE/token" in out
+    # block attention: self-speculative decoding beside them, whose text is the AR base's (checked independently)
+    assert out.count("  speculative: ") == 2 and out.count("identical to the AR base") == 2
+    assert "base forwards/token" in out
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = char_tokenizer()
+    for prompt in ("Hi there", "2 + 2 ="):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        expected = base.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        expected_text = tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        assert f"> {prompt}\n  AR base  : {_one_line(expected_text)}\n" in out
     assert "=== Infilling" in out and "block_size 4" in out
     png = tmp_path / "trajectory.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

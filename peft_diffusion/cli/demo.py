@@ -1,4 +1,5 @@
-"""The demo after `convert`: chat answers beside the AR base (NFE, tokens/s), an infilling example, the trajectory.
+"""The demo after `convert`: chat answers beside the AR base (NFE, tokens/s), self-speculative decoding (block
+attention: the adapter drafts, the base verifies, the text is the base's), an infilling example, the trajectory.
 
 `generate` reuses the prompt and answer helpers (`chat_input_ids`, `answer_length`).
 """
@@ -47,27 +48,41 @@ def run_demo(
     trajectory_path=None,
     prompts=DEFAULT_CHAT_PROMPTS,
 ) -> dict:
-    """Print chat generations of `model` beside its AR base, an infilling example; save the trajectory PNG.
+    """Print chat generations of `model` beside its AR base (and, for block attention, self-speculative decoding:
+    the model drafts, the base verifies), an infilling example; save the trajectory PNG.
 
-    Returns the figures printed (`nfe_per_token`, `tokens_per_second` for both models, the texts).
+    Returns the figures printed (`nfe_per_token`, `tokens_per_second` per decoding, the texts).
     """
     from transformers import AutoModelForCausalLM
 
     # the AR base: the checkpoint as it was before conversion (also after full finetuning)
     base = AutoModelForCausalLM.from_pretrained(model_path, **(model_kwargs or {})).eval()
     eos_ids = _eos_ids(base)
+    # speculation needs block attention; a fully finetuned model has no adapter to switch off: the base verifies
+    speculative = model.config.attention == "block"
+    verifier = None if model.is_peft else base
+    names = ("ar", "diffusion", "speculative") if speculative else ("ar", "diffusion")
     answers = []
     print(f"\n=== Generations ({max_new_tokens} new tokens at most, greedy) ===")
     for message in prompts:
         answer = _answer_both(base, model, tokenizer, message, max_new_tokens, threshold, eos_ids)
+        if speculative:
+            answer["speculative"] = _answer_speculative(model, verifier, tokenizer, message, max_new_tokens, eos_ids)
         answers.append(answer)
         ar_text, text = answer["ar"]["text"], answer["diffusion"]["text"]
         print(
             f"\n> {message}\n  AR base  : {_one_line(ar_text)}\n  diffusion: {_one_line(text)}  "
             f"[{answer['output'].nfe} forwards]"
         )
+        if speculative:
+            item = answer["speculative"]
+            same = "identical to the AR base" if item["text"] == ar_text else "DIFFERS from the AR base"
+            print(
+                f"  speculative: {item['nfe']} base verifications + {item['drafter_forwards']} drafts for "
+                f"{item['tokens']} tokens, {same}"
+            )
     figures = {}
-    for name in ("ar", "diffusion"):
+    for name in names:
         item = {key: sum(answer[name][key] for answer in answers) for key in ("nfe", "tokens", "seconds")}
         item["nfe_per_token"] = item["nfe"] / max(item["tokens"], 1)
         item["tokens_per_second"] = item["tokens"] / max(item["seconds"], 1e-9)
@@ -79,6 +94,12 @@ def run_demo(
         f"  diffusion (threshold {threshold}): {figures['diffusion']['tokens_per_second']:.1f} tokens/s, "
         f"NFE/token {figures['diffusion']['nfe_per_token']:.2f}"
     )
+    if speculative:
+        item = figures["speculative"]
+        print(
+            f"  speculative (adapter drafts {model.config.attention_block_size} tokens, base verifies; the base's "
+            f"text): {item['tokens_per_second']:.1f} tokens/s, base forwards/token {item['nfe_per_token']:.2f}"
+        )
     figures["texts"] = [(answer["message"], answer["ar"]["text"], answer["diffusion"]["text"]) for answer in answers]
     figures["infill"] = infill_example(model, tokenizer)
     if trajectory_path is not None and answers:
@@ -133,6 +154,33 @@ def _answer_both(base, model, tokenizer, message: str, max_new_tokens: int, thre
             "text": _decode(tokenizer, ar_new, ar_count),
         },
         "diffusion": {"nfe": out.nfe, "tokens": count, "seconds": seconds, "text": _decode(tokenizer, new, count)},
+    }
+
+
+def _answer_speculative(model, verifier, tokenizer, message: str, max_new_tokens: int, eos_ids: set[int]) -> dict:
+    """One chat message by self-speculative greedy decoding: `nfe` counts base verifications (each costs about an
+    AR step), `drafter_forwards` the drafts; the text is the base's greedy text."""
+    import torch
+
+    input_ids = chat_input_ids(tokenizer, message)  # [1, P]
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            speculative=True,
+            verifier=verifier,
+            return_dict_in_generate=True,
+        )
+        seconds = time.perf_counter() - start
+    new = out.sequences[0, input_ids.shape[1] :]  # [N]
+    count = answer_length(new, eos_ids)
+    return {
+        "nfe": out.base_forwards,
+        "drafter_forwards": out.drafter_forwards,
+        "tokens": count,
+        "seconds": seconds,
+        "text": _decode(tokenizer, new, count),
     }
 
 
