@@ -1,0 +1,261 @@
+"""One point of the conversion learning curve: train a LoRA conversion for a wall-clock budget, then measure it
+against its own base (docs/conversion.md).
+
+Training: `DiffusionTrainer` with the CLI's quick-start settings (block attention with clean context, shift, LoRA r=32
+on every linear layer, lr 1e-3 cosine on the clock, batch 2, packing) for `--minutes` of training, on
+  - `self_distilled`: the base's own chat answers (`self_distilled_dataset`, answers cut at 128 tokens trimmed to a
+    sentence end; built once and cached), or
+  - `stdlib`: the standard-library text sample,
+optionally with the AR teacher (`--teacher-weight`).
+
+Measured after training, each beside the base model in the same run:
+  - held-out NLL (nats/token) on standard-library modules never trained on (`stdlib_texts(skip=100)`): the
+    diffusion model's Monte-Carlo ELBO bound against the base's exact NLL on the same windows;
+  - LAMBADA (first `--lambada` items of ../shared/data/lambada_test.jsonl): last-word accuracy, the base by greedy
+    argmax of every target token, the diffusion model by its one-step greedy decoding of the masked word
+    (`is_greedy`, as lm-eval's lambada), and the mean log-likelihood of the word (left-to-right estimator);
+  - the chat prompts: answers of the base (HF greedy) and of the diffusion model at thresholds 0.9 and 0.7, with
+    tokens per forward, generative perplexity under the base and distinct-2 of the answers.
+
+    python benchmarks/conversion.py --data self_distilled --minutes 5 --out runs/curve
+    python benchmarks/conversion.py --data stdlib --minutes 5 --teacher-weight 1.0 --out runs/curve
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a source checkout without an install
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Write a Python function that returns the square of a number.",
+    "What is the boiling point of water in Celsius?",
+    "Name two primary colors.",
+    "Explain in one sentence what a noun is.",
+]
+
+
+def build_dataset(args, base, tokenizer):
+    from datasets import Dataset
+
+    from peft_diffusion import DistillationStats, self_distilled_dataset
+    from peft_diffusion.sources import stdlib_texts
+
+    if args.data == "stdlib":
+        return Dataset.from_dict({"text": stdlib_texts(100)}), "100 standard-library modules"
+    start = time.perf_counter()
+    dataset = self_distilled_dataset(
+        base, tokenizer, num_examples=args.distill_examples, max_new_tokens=128, cut_completions="trim"
+    )
+    stats = DistillationStats.from_dataset(dataset)
+    return dataset, f"self-distilled ({stats.summary()}; loaded in {time.perf_counter() - start:.0f} s)"
+
+
+def train(args, tokenizer, dataset, output_dir):
+    from peft import LoraConfig
+
+    from peft_diffusion import DiffusionConfig, DiffusionTrainer, DiffusionTrainingConfig
+
+    training = DiffusionTrainingConfig(
+        output_dir=output_dir,
+        max_steps=100_000,
+        max_train_minutes=args.minutes,
+        per_device_train_batch_size=2,
+        max_length=256 if args.data == "self_distilled" else 128,
+        packing=True,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=5,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        teacher_weight=args.teacher_weight,
+        teacher_positions=args.teacher_positions,
+        model_init_kwargs={"attn_implementation": "sdpa"},
+    )
+    trainer = DiffusionTrainer(
+        args.model,
+        args=training,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        diffusion_config=DiffusionConfig(attention="block", block_size=args.block_size, shift=True),
+        peft_config=LoraConfig(r=32, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
+    )
+    start = time.perf_counter()
+    result = trainer.train()
+    return trainer.model.eval(), {
+        "steps": result.global_step,
+        "train_minutes": (time.perf_counter() - start) / 60,
+        "final_loss": result.training_loss,
+    }
+
+
+@torch.no_grad()
+def heldout_nll(model, tokenizer, num_texts: int) -> dict:
+    from peft_diffusion import ar_nll_per_token, nll_per_token
+    from peft_diffusion.sources import stdlib_texts
+
+    texts = stdlib_texts(num_texts, chunk_chars=600, skip=100)
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = [tokenizer(text, add_special_tokens=False).input_ids[:128] for text in texts]
+    bound = nll_per_token(model, ids, prefix_token_id=prefix, max_length=256, mc_samples=8, batch_size=16,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    with model.model.disable_adapter():
+        exact = ar_nll_per_token(model.causal_lm, ids, prefix, 256)
+    return {"diffusion_bound": bound.nll, "bound_stderr": bound.stderr, "base_exact": exact, "gap": bound.nll - exact}
+
+
+def lambada_items(limit: int) -> list[tuple[str, str]]:
+    path = REPO.parent / "shared" / "data" / "lambada_test.jsonl"
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            text = json.loads(line)["text"]
+            context, word = text.rsplit(" ", 1)
+            items.append((context, " " + word))
+            if len(items) == limit:
+                break
+    return items
+
+
+@torch.no_grad()
+def lambada(model, tokenizer, limit: int) -> dict:
+    from peft_diffusion.evaluation import loglikelihood_batch
+
+    pairs = []
+    for context, word in lambada_items(limit):
+        whole = tokenizer(context + word, add_special_tokens=False).input_ids
+        cut = len(tokenizer(context, add_special_tokens=False).input_ids)
+        pairs.append((whole[:cut], whole[cut:]))
+    estimates = loglikelihood_batch(model, pairs, estimator="left_to_right", batch_size=16)
+    base_hits = 0
+    with model.model.disable_adapter():
+        for context_ids, word_ids in pairs:
+            ids = torch.tensor([context_ids + word_ids])
+            logits = model.causal_lm(input_ids=ids).logits[0]  # [L, V]
+            predicted = logits[len(context_ids) - 1 : -1].argmax(-1).tolist()
+            base_hits += predicted == word_ids
+    return {
+        "items": len(pairs),
+        "base_accuracy": base_hits / len(pairs),
+        "diffusion_accuracy": sum(estimate.is_greedy for estimate in estimates) / len(pairs),
+        "diffusion_ltr_logprob": sum(estimate.logprob for estimate in estimates) / len(pairs),
+    }
+
+
+@torch.no_grad()
+def chat(model, tokenizer, max_new_tokens: int) -> dict:
+    from peft_diffusion.cli.demo import answer_length, chat_input_ids
+    from peft_diffusion.data import distinct_n
+    from peft_diffusion.metrics import generative_perplexity
+
+    eos_ids = {tokenizer.eos_token_id} | set(model.generation_config.eos_token_id or [])
+    eos_ids = {int(i) for i in eos_ids if i is not None}
+    results = {"base": [], "0.9": [], "0.7": []}
+    counts = {"0.9": [0, 0], "0.7": [0, 0]}  # tokens, forwards
+    for message in CHAT_PROMPTS:
+        input_ids = chat_input_ids(tokenizer, message)
+        length = input_ids.shape[1]
+        with model.model.disable_adapter():
+            ar = model.causal_lm.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=tokenizer.pad_token_id)[0, length:]  # fmt: skip
+        results["base"].append(tokenizer.decode(ar[: answer_length(ar, eos_ids)], skip_special_tokens=True).strip())
+        for threshold in ("0.9", "0.7"):
+            out = model.generate(input_ids, max_new_tokens=max_new_tokens, threshold=float(threshold),
+                                 return_dict_in_generate=True)  # fmt: skip
+            new = out.sequences[0, length:]
+            count = answer_length(new, eos_ids)
+            counts[threshold][0] += count
+            counts[threshold][1] += out.nfe
+            results[threshold].append(tokenizer.decode(new[:count], skip_special_tokens=True).strip())
+    with model.model.disable_adapter():
+        evaluator = model.causal_lm
+        figures = {}
+        for name, texts in results.items():
+            kept = [text for text in texts if text]
+            ids = [tokenizer(text, add_special_tokens=False).input_ids for text in kept]
+            figures[name] = {
+                "gen_ppl": generative_perplexity(kept, evaluator, tokenizer) if kept else math.inf,
+                "distinct2": sum(distinct_n(i, 2) for i in ids) / max(len(ids), 1),
+                "tokens_per_forward": counts[name][0] / max(counts[name][1], 1) if name in counts else 1.0,
+                "answers": texts,
+            }
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="default: the CLI's SmolLM2-135M-Instruct folder")
+    parser.add_argument("--data", choices=["self_distilled", "stdlib"], default="self_distilled")
+    parser.add_argument("--distill-examples", type=int, default=128)
+    parser.add_argument("--teacher-weight", type=float, default=0.0)
+    parser.add_argument("--teacher-positions", default="masked")
+    parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-texts", type=int, default=8)
+    parser.add_argument("--lambada", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-adapter", default=None)
+    parser.add_argument("--out", default="runs/conversion")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model is None:
+        from peft_diffusion.cli.defaults import default_model_path
+
+        args.model = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    base = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    dataset, source = build_dataset(args, base, tokenizer)
+    del base
+    name = f"{args.data}-b{args.block_size}-t{args.teacher_weight:g}-{args.minutes:g}min"
+    print(f"[{name}] data: {source}", flush=True)
+    with tempfile.TemporaryDirectory() as output_dir:
+        model, training = train(args, tokenizer, dataset, output_dir)
+    if args.save_adapter:
+        model.save_pretrained(args.save_adapter)
+        tokenizer.save_pretrained(args.save_adapter)
+    start = time.perf_counter()
+    result = {
+        "name": name,
+        "args": vars(args),
+        "data": source,
+        "training": training,
+        "heldout_nll": heldout_nll(model, tokenizer, args.eval_texts),
+        "lambada": lambada(model, tokenizer, args.lambada),
+        "chat": chat(model, tokenizer, args.max_new_tokens),
+    }
+    result["eval_minutes"] = (time.perf_counter() - start) / 60
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    nll, lam, gen = result["heldout_nll"], result["lambada"], result["chat"]
+    print(
+        f"| {name} | {training['steps']} | {nll['diffusion_bound']:.2f} vs {nll['base_exact']:.2f} "
+        f"| {lam['diffusion_accuracy']:.2f} vs {lam['base_accuracy']:.2f} "
+        f"| {gen['0.9']['tokens_per_forward']:.2f} / {gen['0.7']['tokens_per_forward']:.2f} "
+        f"| {gen['0.9']['gen_ppl']:.1f} / {gen['0.7']['gen_ppl']:.1f} vs {gen['base']['gen_ppl']:.1f} "
+        f"| {gen['0.9']['distinct2']:.2f} vs {gen['base']['distinct2']:.2f} |"
+    )
+    for message, base_answer, answer in zip(CHAT_PROMPTS, gen["base"]["answers"], gen["0.9"]["answers"]):
+        print(f"> {message}\n  base: {base_answer[:160]!r}\n  0.9 : {answer[:160]!r}")
+
+
+if __name__ == "__main__":
+    main()
