@@ -1,9 +1,13 @@
 """Self-speculative decoding against the base's HF greedy `generate`: accepted tokens per base forward and tokens/s.
 
-Methods, on the same prompts, greedy, every row producing exactly `--max-new-tokens` tokens (EOS does not stop):
+Methods, on the same prompts, greedy, every row producing exactly `--max-new-tokens` tokens (EOS does not stop), or
+with `--stop-at-eos` up to and including its first EOS (what a chat user gets; counted so):
   - `ar`: the original causal LM's HF `generate` with its KV cache, one token per forward (the baseline);
+  - `lookup`: HF's prompt-lookup decoding (`prompt_lookup_num_tokens=--lookup-tokens`: drafts copied from n-gram
+    matches in the prompt, verified by the base; batch 1 only, as HF's assisted generation);
   - `spec-W<w>`: `model.generate(speculative=True, block_length=w, steps=--steps)`: the adapter drafts `w` tokens,
     the base (adapter disabled) verifies them in one forward.
+Prompts: stories for a model without a chat template, otherwise eight chat questions under the model's template.
 Each prompt alone (batch 1, the sums over the prompts are reported), then all prompts together (left-padded batch).
 Calls alternate between the methods, each keeps its best time of `--rounds` (the machine is shared). Reported:
 tokens/s, the ratio to `ar`, base and drafter forwards, tokens per base forward (accepted draft tokens + 1 per
@@ -16,7 +20,8 @@ loads a saved one.
 
     python benchmarks/speculative.py                          # stories260K, untrained adapter, CPU, 1 thread
     python benchmarks/speculative.py --train-steps 300        # a briefly trained adapter
-    python benchmarks/speculative.py --model ~/.cache/peft_diffusion/SmolLM2-135M-Instruct --adapter runs/quickstart
+    python benchmarks/speculative.py --model ~/.cache/peft_diffusion/SmolLM2-135M-Instruct --adapter runs/quickstart \
+        --stop-at-eos --block-lengths 4 8 --max-new-tokens 96
 """
 
 from __future__ import annotations
@@ -35,6 +40,36 @@ sys.path.insert(0, str(REPO))  # run from a source checkout without an install
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 STORY_PROMPTS = ["Once upon a time", "Lily and her dog went to the park", "The sun was", "Tom had a red ball and"]
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Write a Python function that returns the square of a number.",
+    "Explain what a list comprehension is in Python.",
+    "Name three colors of the rainbow.",
+    "What does the `len` function do in Python?",
+    "Write a short sentence about the ocean.",
+    "How do I open a file for reading in Python?",
+]
+
+
+def prompt_texts(tokenizer) -> list[str]:
+    """Chat questions under the tokenizer's chat template, or story openings without one."""
+    if not tokenizer.chat_template:
+        return STORY_PROMPTS
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        for text in CHAT_PROMPTS
+    ]
+
+
+def new_tokens(sequences, prompt_length: int, eos_ids: set[int] | None) -> list[list[int]]:
+    """Each row's new tokens, cut after its first EOS when `eos_ids` is given (`--stop-at-eos`)."""
+    rows = []
+    for row in sequences[:, prompt_length:].tolist():
+        if eos_ids:
+            row = row[: next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))]
+        rows.append(row)
+    return rows
 
 
 def build(args):
@@ -74,12 +109,27 @@ def build(args):
 
 
 def runners(ar, model, batch, args) -> dict:
-    """The timed calls, by name; each returns `(sequences, base_forwards, drafter_forwards)`."""
+    """The timed calls, by name; each returns `(sequences, base_forwards, drafter_forwards)` (`base_forwards` is
+    None where HF does not report it: `lookup`)."""
     new = args.max_new_tokens
+    # HF: `eos_token_id=None` falls back to the generation config's EOS; `[]` would not stop either way for us
+    ar_eos = {} if args.stop_at_eos else {"eos_token_id": None, "min_new_tokens": new}
+    spec_eos = {} if args.stop_at_eos else {"eos_token_id": []}
 
     def ar_run():
-        sequences = ar.generate(**batch, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        sequences = ar.generate(**batch, max_new_tokens=new, do_sample=False, pad_token_id=0, **ar_eos)
         return sequences, sequences.shape[1] - batch["input_ids"].shape[1], 0
+
+    def lookup_run():
+        sequences = ar.generate(
+            **batch,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            prompt_lookup_num_tokens=args.lookup_tokens,
+            **ar_eos,
+        )
+        return sequences, None, 0
 
     def spec_run(block_length):
         def run():
@@ -89,19 +139,22 @@ def runners(ar, model, batch, args) -> dict:
                 speculative=True,
                 block_length=block_length,
                 steps=args.steps,
-                eos_token_id=[],
+                pad_token_id=0,
                 return_dict_in_generate=True,
+                **spec_eos,
             )
             return out.sequences, out.base_forwards, out.drafter_forwards
 
         return run
 
     table = {"ar": ar_run}
+    if batch["input_ids"].shape[0] == 1 and args.lookup_tokens:
+        table["lookup"] = lookup_run
     table.update({f"spec-W{width}": spec_run(width) for width in args.block_lengths})
     return table
 
 
-def measure(ar, model, batches: list[dict], args, label: str) -> list[dict]:
+def measure(ar, model, batches: list[dict], args, label: str, eos_ids: set[int] | None) -> list[dict]:
     """Run every method on every batch; times are the best of `--rounds`, summed over the batches."""
     results, best = {}, {}
     for index, batch in enumerate(batches):
@@ -119,12 +172,17 @@ def measure(ar, model, batches: list[dict], args, label: str) -> list[dict]:
     ar_speed = None
     for name in names:
         seconds = sum(best[(name, index)] for index in range(len(batches)))
-        tokens = sum(results[(name, index)][0].shape[0] * args.max_new_tokens for index in range(len(batches)))
-        base_forwards = sum(results[(name, index)][1] for index in range(len(batches)))
+        texts = {
+            (method, index): new_tokens(results[(method, index)][0], batches[index]["input_ids"].shape[1], eos_ids)
+            for method in ("ar", name)
+            for index in range(len(batches))
+        }
+        tokens = sum(len(row) for index in range(len(batches)) for row in texts[(name, index)])
+        counts = [results[(name, index)][1] for index in range(len(batches))]
+        base_forwards = None if None in counts else sum(counts)
         drafter_forwards = sum(results[(name, index)][2] for index in range(len(batches)))
-        identical = all(
-            torch.equal(results[(name, index)][0], results[("ar", index)][0]) for index in range(len(batches))
-        )
+        identical = all(texts[(name, index)] == texts[("ar", index)] for index in range(len(batches)))
+        # tokens per base forward: the mean row's tokens over the forwards its batch ran
         rows_per_batch = batches[0]["input_ids"].shape[0]
         speed = tokens / seconds
         ar_speed = ar_speed or speed
@@ -136,7 +194,7 @@ def measure(ar, model, batches: list[dict], args, label: str) -> list[dict]:
                 ratio_to_ar=speed / ar_speed,
                 base_forwards=base_forwards,
                 drafter_forwards=drafter_forwards,
-                tokens_per_base_forward=tokens / rows_per_batch / base_forwards,
+                tokens_per_base_forward=None if base_forwards is None else tokens / rows_per_batch / base_forwards,
                 identical=identical,
             )
         )
@@ -156,30 +214,39 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--stop-at-eos", action="store_true", help="stop each row at EOS and count tokens up to it")
+    parser.add_argument("--lookup-tokens", type=int, default=10, help="HF prompt lookup's draft length (0: skip)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     ar, model, tokenizer, adapter = build(args)
-    singles = [dict(tokenizer([text], return_tensors="pt")) for text in STORY_PROMPTS]
-    together = [dict(tokenizer(STORY_PROMPTS, return_tensors="pt", padding=True))]
-    rows = measure(ar, model, singles, args, "batch 1") + measure(
-        ar, model, together, args, f"batch {len(STORY_PROMPTS)}"
+    texts = prompt_texts(tokenizer)
+    # the chat template already holds the special tokens
+    encode = dict(return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
+    singles = [dict(tokenizer([text], **encode)) for text in texts]
+    together = [dict(tokenizer(texts, padding=True, **encode))]
+    eos = ar.generation_config.eos_token_id
+    eos_ids = (set(eos) if isinstance(eos, list) else {eos}) if args.stop_at_eos else None
+    rows = measure(ar, model, singles, args, "batch 1", eos_ids) + measure(
+        ar, model, together, args, f"batch {len(texts)}", eos_ids
     )
 
     print(
         f"model {args.model}, adapter: {adapter}, {args.max_new_tokens} new tokens per prompt, greedy, "
-        f"{args.threads} thread(s), steps per draft {args.steps}, torch {torch.__version__}"
+        f"{args.threads} thread(s), steps per draft {args.steps}, "
+        f"{'stopping at EOS' if args.stop_at_eos else 'EOS ignored'}, torch {torch.__version__}"
     )
     print(
         f"{'setting':9} {'method':9} {'tokens/s':>9} {'x ar':>6} {'base fwd':>9} {'draft fwd':>10} "
         f"{'tok/base fwd':>13} {'identical':>10}"
     )
     for row in rows:
+        base = "-" if row["base_forwards"] is None else f"{row['base_forwards']:d}"
+        per = "-" if row["tokens_per_base_forward"] is None else f"{row['tokens_per_base_forward']:.2f}"
         print(
             f"{row['setting']:9} {row['method']:9} {row['tokens_per_second']:9.1f} {row['ratio_to_ar']:6.2f} "
-            f"{row['base_forwards']:9d} {row['drafter_forwards']:10d} {row['tokens_per_base_forward']:13.2f} "
-            f"{str(row['identical']):>10}"
+            f"{base:>9} {row['drafter_forwards']:10d} {per:>13} {str(row['identical']):>10}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"adapter": adapter, "rows": rows}, indent=2))
