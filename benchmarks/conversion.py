@@ -9,15 +9,17 @@ on every linear layer, lr 1e-3 cosine on the clock, batch 2, packing) for `--min
 optionally with the AR teacher (`--teacher-weight`).
 
 Measured after training, each beside the base model in the same run:
-  - held-out NLL (nats/token) on standard-library modules never trained on (`stdlib_texts(skip=100)`): the
-    diffusion model's Monte-Carlo ELBO bound against the base's exact NLL on the same windows;
+  - held-out NLL (nats/token) on the first `--eval-texts` 600-character chunks of standard-library modules never
+    trained on (`stdlib_texts(skip=100)`, each cut at 128 tokens): the diffusion model's Monte-Carlo ELBO bound (8
+    samples) against the base's exact NLL on the same windows;
   - LAMBADA (first `--lambada` items of ../shared/data/lambada_test.jsonl): last-word accuracy, the base by greedy
     argmax of every target token, the diffusion model by its one-step greedy decoding of the masked word
     (`is_greedy`, as lm-eval's lambada), and the mean log-likelihood of the word (left-to-right estimator);
   - the chat prompts: answers of the base (HF greedy) and of the diffusion model at thresholds 0.9 and 0.7, with
     tokens per forward, generative perplexity under the base and distinct-2 of the answers.
 
-    python benchmarks/conversion.py --data self_distilled --minutes 5 --out runs/curve
+    python benchmarks/conversion.py --data self_distilled --minutes 5 --out runs/curve --save-adapter runs/sd5
+    python benchmarks/conversion.py --adapter runs/sd5 --out runs/curve      # evaluate a saved point again
     python benchmarks/conversion.py --data stdlib --minutes 5 --teacher-weight 1.0 --out runs/curve
 """
 
@@ -107,7 +109,7 @@ def heldout_nll(model, tokenizer, num_texts: int) -> dict:
     from peft_diffusion import ar_nll_per_token, nll_per_token
     from peft_diffusion.sources import stdlib_texts
 
-    texts = stdlib_texts(num_texts, chunk_chars=600, skip=100)
+    texts = stdlib_texts(num_texts, chunk_chars=600, skip=100)[:num_texts]  # the first chunks of unseen modules
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = [tokenizer(text, add_special_tokens=False).input_ids[:128] for text in texts]
     bound = nll_per_token(model, ids, prefix_token_id=prefix, max_length=256, mc_samples=8, batch_size=16,
@@ -161,7 +163,9 @@ def chat(model, tokenizer, max_new_tokens: int) -> dict:
     from peft_diffusion.data import distinct_n
     from peft_diffusion.metrics import generative_perplexity
 
-    eos_ids = {tokenizer.eos_token_id} | set(model.generation_config.eos_token_id or [])
+    from peft_diffusion.cli.live import id_list
+
+    eos_ids = {tokenizer.eos_token_id, *id_list(model.generation_config.eos_token_id)}
     eos_ids = {int(i) for i in eos_ids if i is not None}
     results = {"base": [], "0.9": [], "0.7": []}
     counts = {"0.9": [0, 0], "0.7": [0, 0]}  # tokens, forwards
@@ -205,12 +209,13 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-texts", type=int, default=8)
+    parser.add_argument("--eval-texts", type=int, default=24, help="held-out windows (600-character chunks)")
     parser.add_argument("--lambada", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-adapter", default=None)
+    parser.add_argument("--adapter", default=None, help="evaluate this saved adapter instead of training one")
     parser.add_argument("--out", default="runs/conversion")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -220,14 +225,22 @@ def main() -> None:
         from peft_diffusion.cli.defaults import default_model_path
 
         args.model = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    base = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    dataset, source = build_dataset(args, base, tokenizer)
-    del base
     name = f"{args.data}-b{args.block_size}-t{args.teacher_weight:g}-{args.minutes:g}min"
-    print(f"[{name}] data: {source}", flush=True)
-    with tempfile.TemporaryDirectory() as output_dir:
-        model, training = train(args, tokenizer, dataset, output_dir)
+    if args.adapter:  # a saved point: evaluate only (the settings in the name are the caller's word)
+        from peft_diffusion import DiffusionLM
+
+        tokenizer = AutoTokenizer.from_pretrained(args.adapter)
+        base = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa")
+        model = DiffusionLM.from_pretrained(args.adapter, base_model=base).eval()
+        source, training = f"saved adapter {args.adapter}", {"steps": None, "train_minutes": None, "final_loss": None}
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        base = AutoModelForCausalLM.from_pretrained(args.model).eval()
+        dataset, source = build_dataset(args, base, tokenizer)
+        del base
+        print(f"[{name}] data: {source}", flush=True)
+        with tempfile.TemporaryDirectory() as output_dir:
+            model, training = train(args, tokenizer, dataset, output_dir)
     if args.save_adapter:
         model.save_pretrained(args.save_adapter)
         tokenizer.save_pretrained(args.save_adapter)
