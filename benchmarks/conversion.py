@@ -160,10 +160,9 @@ def lambada(model, tokenizer, limit: int) -> dict:
 @torch.no_grad()
 def chat(model, tokenizer, max_new_tokens: int) -> dict:
     from peft_diffusion.cli.demo import answer_length, chat_input_ids
+    from peft_diffusion.cli.live import id_list
     from peft_diffusion.data import distinct_n
     from peft_diffusion.metrics import generative_perplexity
-
-    from peft_diffusion.cli.live import id_list
 
     eos_ids = {tokenizer.eos_token_id, *id_list(model.generation_config.eos_token_id)}
     eos_ids = {int(i) for i in eos_ids if i is not None}
