@@ -37,19 +37,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source checkout without an install
 
+from generate import CHAT_PROMPTS  # noqa: E402  (benchmarks/ is the script's folder)
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from peft_diffusion.cli.demo import answer_length  # noqa: E402
+
 STORY_PROMPTS = ["Once upon a time", "Lily and her dog went to the park", "The sun was", "Tom had a red ball and"]
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Give me three tips for staying healthy.",
-    "Write a Python function that returns the square of a number.",
-    "Explain what a list comprehension is in Python.",
-    "Name three colors of the rainbow.",
-    "What does the `len` function do in Python?",
-    "Write a short sentence about the ocean.",
-    "How do I open a file for reading in Python?",
-]
 
 
 def prompt_texts(tokenizer) -> list[str]:
@@ -64,12 +57,8 @@ def prompt_texts(tokenizer) -> list[str]:
 
 def new_tokens(sequences, prompt_length: int, eos_ids: set[int] | None) -> list[list[int]]:
     """Each row's new tokens, cut after its first EOS when `eos_ids` is given (`--stop-at-eos`)."""
-    rows = []
-    for row in sequences[:, prompt_length:].tolist():
-        if eos_ids:
-            row = row[: next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))]
-        rows.append(row)
-    return rows
+    new = sequences[:, prompt_length:]  # [B, N]
+    return [row[: answer_length(row, eos_ids)].tolist() if eos_ids else row.tolist() for row in new]
 
 
 def build(args):

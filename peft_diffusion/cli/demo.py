@@ -65,9 +65,10 @@ def run_demo(
     answers = []
     print(f"\n=== Generations ({max_new_tokens} new tokens at most, greedy) ===")
     for message in prompts:
-        answer = _answer_both(base, model, tokenizer, message, max_new_tokens, threshold, eos_ids)
+        input_ids = chat_input_ids(tokenizer, message)  # [1, P]
+        answer = _answer_both(base, model, tokenizer, message, input_ids, max_new_tokens, threshold, eos_ids)
         if speculative:
-            answer["speculative"] = _answer_speculative(model, verifier, tokenizer, message, max_new_tokens, eos_ids)
+            answer["speculative"] = _answer_speculative(model, verifier, tokenizer, input_ids, max_new_tokens, eos_ids)
         answers.append(answer)
         ar_text, text = answer["ar"]["text"], answer["diffusion"]["text"]
         print(
@@ -119,28 +120,35 @@ def run_demo(
     return figures
 
 
-def _answer_both(base, model, tokenizer, message: str, max_new_tokens: int, threshold, eos_ids: set[int]) -> dict:
-    """One chat message answered by the AR base (HF `generate`, greedy) and by the diffusion model (with its
-    denoising history): per model the forwards (`nfe`; one per token for AR), answer `tokens`, `seconds`, `text`."""
+def _timed(call):
+    """`(call(), seconds)`, without gradients."""
     import torch
 
-    input_ids = chat_input_ids(tokenizer, message)  # [1, P]
-    prompt_length = input_ids.shape[1]
     with torch.no_grad():
         start = time.perf_counter()
-        ar = base.generate(
+        result = call()
+        return result, time.perf_counter() - start
+
+
+def _answer_both(base, model, tokenizer, message: str, input_ids, max_new_tokens: int, threshold, eos_ids) -> dict:
+    """One chat message (`input_ids` `[1, P]`) answered by the AR base (HF `generate`, greedy) and by the diffusion
+    model (with its denoising history): per model the forwards (`nfe`; one per token for AR), answer `tokens`,
+    `seconds`, `text`."""
+    prompt_length = input_ids.shape[1]
+    ar, ar_seconds = _timed(
+        lambda: base.generate(
             input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )  # [1, P + N]
-        ar_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(
+        )
+    )  # [1, P + N]
+    out, seconds = _timed(
+        lambda: model.generate(
             input_ids,
             max_new_tokens=max_new_tokens,
             threshold=threshold,
             return_dict_in_generate=True,
             output_history=True,
         )
-        seconds = time.perf_counter() - start
+    )
     ar_new, new = ar[0, prompt_length:], out.sequences[0, prompt_length:]  # [N], [N]
     ar_count, count = answer_length(ar_new, eos_ids), answer_length(new, eos_ids)
     return {
@@ -157,22 +165,14 @@ def _answer_both(base, model, tokenizer, message: str, max_new_tokens: int, thre
     }
 
 
-def _answer_speculative(model, verifier, tokenizer, message: str, max_new_tokens: int, eos_ids: set[int]) -> dict:
-    """One chat message by self-speculative greedy decoding: `nfe` counts base verifications (each costs about an
-    AR step), `drafter_forwards` the drafts; the text is the base's greedy text."""
-    import torch
-
-    input_ids = chat_input_ids(tokenizer, message)  # [1, P]
-    with torch.no_grad():
-        start = time.perf_counter()
-        out = model.generate(
-            input_ids,
-            max_new_tokens=max_new_tokens,
-            speculative=True,
-            verifier=verifier,
-            return_dict_in_generate=True,
+def _answer_speculative(model, verifier, tokenizer, input_ids, max_new_tokens: int, eos_ids: set[int]) -> dict:
+    """One chat message (`input_ids` `[1, P]`) by self-speculative greedy decoding: `nfe` counts base verifications
+    (each costs about an AR step), `drafter_forwards` the drafts; the text is the base's greedy text."""
+    out, seconds = _timed(
+        lambda: model.generate(
+            input_ids, max_new_tokens=max_new_tokens, speculative=True, verifier=verifier, return_dict_in_generate=True
         )
-        seconds = time.perf_counter() - start
+    )
     new = out.sequences[0, input_ids.shape[1] :]  # [N]
     count = answer_length(new, eos_ids)
     return {
