@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from .architectures import context_window
+from .conversion import token_rows_merged
 from .generation import _check_token_ids
 
 __all__ = [
@@ -426,7 +427,8 @@ def loglikelihood_batch(
         )
         num_tokens.append(continuation.shape[0])
     # 3. scores
-    scores, greedy = _score_rows(model, rows, batch_size, two_stream)
+    with token_rows_merged(model):
+        scores, greedy = _score_rows(model, rows, batch_size, two_stream)
     # 4. per pair: sum the block terms of each sample, then mean and standard error over samples
     samples = torch.zeros(len(num_tokens), mc_samples, dtype=torch.float64)  # [P, M]
     is_greedy = [True] * len(num_tokens)

@@ -460,15 +460,19 @@ class DiffusionLM(PreTrainedModel):
         """Parallel denoising; see `peft_diffusion.generation.generate` for the arguments. With `speculative=True`,
         the base model's own output, drafted by the adapter and verified by the base (or by `verifier`, a causal LM):
         see `peft_diffusion.speculation.speculative_generate`."""
+        from .conversion import token_rows_merged
+
         if speculative:
             from .speculation import speculative_generate
 
-            return speculative_generate(self, input_ids, verifier=verifier, **kwargs)
+            with token_rows_merged(self.model):
+                return speculative_generate(self, input_ids, verifier=verifier, **kwargs)
         if verifier is not None:
             raise ValueError("`verifier` is only used with `speculative=True`; pass both, or neither.")
         from .generation import generate
 
-        return generate(self, input_ids, **kwargs)
+        with token_rows_merged(self.model):
+            return generate(self, input_ids, **kwargs)
 
     @torch.no_grad()
     def infill(self, *args, **kwargs):
@@ -477,9 +481,11 @@ class DiffusionLM(PreTrainedModel):
             raise ValueError(
                 "`speculative=True` is for left-to-right generation (`generate`); `infill` fills gaps by denoising."
             )
+        from .conversion import token_rows_merged
         from .generation import infill
 
-        return infill(self, *args, **kwargs)
+        with token_rows_merged(self.model):
+            return infill(self, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # Save / load

@@ -7,6 +7,7 @@ to fill the table, and `probe_architecture` runs it once on a tiny copy of an ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -310,7 +311,12 @@ def dependency_failures(
 
 def tiny_model_failures(model) -> list[DependencyFailure]:
     """`dependency_failures` of a tiny model, in float64; in float32 (tolerance 0) when float64 crashes (some
-    kernels, e.g. grouped expert matmuls, take no float64). Converts `model` in place."""
+    kernels take no float64). Converts `model` in place, and switches grouped expert matmuls (transformers >= 5.25's
+    MoE default, no float64 kernel; in float32 a token's result depends on how many others share its expert) to the
+    per-expert loop."""
+    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        with contextlib.suppress(ValueError, AttributeError):
+            model.set_experts_implementation("eager")
     failures = dependency_failures(model.to(torch.float64))
     if any(failure.crashed for failure in failures):
         failures = dependency_failures(model.to(torch.float32))

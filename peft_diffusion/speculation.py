@@ -76,6 +76,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import PeftModel
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
@@ -277,7 +278,7 @@ def _resolve_verifier(model, verifier) -> tuple[PreTrainedModel, Callable, int]:
         original = fingerprint.get("vocab_size")
         # A mask token added for the conversion is a row the original base never had: it is not scored.
         vocab_size = original if original is not None and mask_token_id >= original else drafter_vocab
-        return model.causal_lm, _AdapterSwitch(model.model), vocab_size
+        return model.causal_lm, _AdapterSwitch(model.model, vocab_size), vocab_size
     if (
         not isinstance(verifier, PreTrainedModel)
         or type(verifier).__name__ == "DiffusionLM"
@@ -304,11 +305,24 @@ class _AdapterSwitch:
     2.1 ms). Here the layers it switches (`BaseTunerLayer`, `AuxiliaryTrainingWrapper`, e.g. the mask-token row) are
     found once and switched with their public `enable_adapters`, the calls `disable_adapter()` makes; they are
     switched back on when the context exits, also on an error.
+
+    Trainable token rows that the verification never reads stay on: rows at or past `vocab_size` (the mask token's
+    row added for the conversion) are neither an input (the canvas holds committed and drafted tokens) nor a scored
+    logit column, so the base's output is the same with them, and they stay merged (`token_rows_merged`) instead of
+    being unmerged by the switch and rebuilt on every draft forward.
     """
 
-    def __init__(self, peft_model: PeftModel):
+    def __init__(self, peft_model: PeftModel, vocab_size: int):
+        def unread(module) -> bool:
+            layer = getattr(module, "token_adapter", module)
+            if not isinstance(layer, TrainableTokensLayer):
+                return False
+            return all(not indices or min(indices) >= vocab_size for indices in layer.token_indices.values())
+
         self.layers = [
-            module for module in peft_model.modules() if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+            module
+            for module in peft_model.modules()
+            if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and not unread(module)
         ]
 
     @contextlib.contextmanager

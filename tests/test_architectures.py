@@ -107,6 +107,10 @@ def layers_of(model):
 @pytest.mark.parametrize("arch", INSTALLED_VERIFIED)
 def test_verified_architecture_follows_every_pattern(arch, backend):
     model = tiny_causal_lm(arch, backend)
+    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        # Grouped expert matmuls (transformers >= 5.25's MoE default) have no float64 kernel, and in float32 a token's
+        # result depends on how many others share its expert: the per-expert loop computes each token on its own.
+        model.set_experts_implementation("eager")
     tokens = torch.randint(3, 120, (1, 2 * LENGTH), generator=torch.Generator().manual_seed(0))
     try:  # float64: a two-layer chain changes a fresh model's logits by ~1e-7 only
         model.double()

@@ -431,3 +431,35 @@ def test_bidirectional_flash_attention_on_gpu():
 def test_import_registers_auto_classes():
     assert AutoConfig.for_model("diffusion_lm").__class__ is DiffusionConfig
     assert peft_diffusion.__version__
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # untied and tied LM head
+def test_token_rows_merged_inference_is_exact_and_leaves_the_weights_as_they_were(arch):
+    """Generation and likelihoods run with the mask row written into the embedding (PEFT's merge, not a rebuild of
+    the matrix on every forward): the logits are those of the unmerged adapter, the weights afterwards bit-identical,
+    and nothing is left merged; with gradients the context does nothing (training reaches the row's parameter)."""
+    from peft_diffusion.conversion import token_row_layers, token_rows_merged
+
+    tokenizer = word_tokenizer(vocab_size=VOCAB_SIZE)  # the mask token is a new row
+    config = DiffusionConfig(attention="block", block_size=4)
+    model = get_diffusion_model(tiny_causal_lm(arch), config, tokenizer=tokenizer, peft_config=lora()).eval()
+    layers = token_row_layers(model)
+    assert len(layers) == (2 if model.causal_lm.config.tie_word_embeddings else 1)
+    with torch.no_grad():
+        layers[0].trainable_tokens_delta["default"].add_(0.5)  # as after training
+    weights = {name: tensor.clone() for name, tensor in model.causal_lm.state_dict().items()}
+    ids = random_ids()
+    ids[:, 5] = model.config.mask_token_id
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with token_rows_merged(model):
+            assert all(layer.merged for layer in layers)
+            merged = model(input_ids=ids).logits
+    assert torch.equal(merged, expected)
+    model.generate(ids[:, :4], max_new_tokens=4)
+    model.generate(ids[:, :4], max_new_tokens=4, speculative=True, block_length=4)
+    assert not any(layer.merged for layer in layers)
+    after = model.causal_lm.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in weights.items())
+    with token_rows_merged(model):  # gradients on: a no-op
+        assert not any(layer.merged for layer in layers)
