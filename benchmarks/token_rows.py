@@ -55,7 +55,7 @@ def main(argv=None):
             for name, context in (("unmerged", unmerged), ("merged", merged)):
                 conversion.token_rows_merged = context  # what DiffusionLM.generate enters
                 start = time.perf_counter()
-                outputs[name] = model.generate(**inputs, max_new_tokens=args.max_new_tokens)
+                outputs[name] = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **kwargs)
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
         conversion.token_rows_merged = merged
         tokens = outputs["merged"].shape[1] - inputs["input_ids"].shape[1]
