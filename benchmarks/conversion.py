@@ -11,16 +11,19 @@ optionally with the AR teacher (`--teacher-weight`).
 Measured after training, each beside the base model in the same run:
   - held-out NLL (nats/token) on the first `--eval-texts` 600-character chunks of standard-library modules never
     trained on (`stdlib_texts(skip=100)`, each cut at 128 tokens): the diffusion model's Monte-Carlo ELBO bound (8
-    samples) against the base's exact NLL on the same windows;
+    samples) against the base's exact NLL on the same windows (a model without a chat template, e.g. stories260K:
+    the real stories of ../shared/data/tinystories_sample.txt instead);
   - LAMBADA (first `--lambada` items of ../shared/data/lambada_test.jsonl): last-word accuracy, the base by greedy
     argmax of every target token, the diffusion model by its one-step greedy decoding of the masked word
     (`is_greedy`, as lm-eval's lambada), and the mean log-likelihood of the word (left-to-right estimator);
-  - the chat prompts: answers of the base (HF greedy) and of the diffusion model at thresholds 0.9 and 0.7, with
-    tokens per forward, generative perplexity under the base and distinct-2 of the answers.
+  - the chat prompts (story openings without a chat template): answers of the base (HF greedy) and of the diffusion
+    model at thresholds 0.9 and 0.7, with tokens per forward, generative perplexity under the base and distinct-2 of
+    the answers.
 
     python benchmarks/conversion.py --data self_distilled --minutes 5 --out runs/curve --save-adapter runs/sd5
     python benchmarks/conversion.py --adapter runs/sd5 --out runs/curve      # evaluate a saved point again
     python benchmarks/conversion.py --data stdlib --minutes 5 --teacher-weight 1.0 --out runs/curve
+    python benchmarks/conversion.py --model ../shared/models/stories260K --lambada 0 --minutes 5 --out runs/curve
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ CHAT_PROMPTS = [
     "Name two primary colors.",
     "Explain in one sentence what a noun is.",
 ]
+STORY_PROMPTS = ["Once upon a time", "Lily and her dog went to the park", "The sun was", "Tom had a red ball and"]
 
 
 def build_dataset(args, base, tokenizer):
@@ -109,7 +113,11 @@ def heldout_nll(model, tokenizer, num_texts: int) -> dict:
     from peft_diffusion import ar_nll_per_token, nll_per_token
     from peft_diffusion.sources import stdlib_texts
 
-    texts = stdlib_texts(num_texts, chunk_chars=600, skip=100)[:num_texts]  # the first chunks of unseen modules
+    if tokenizer.chat_template:
+        texts = stdlib_texts(num_texts, chunk_chars=600, skip=100)[:num_texts]  # the first chunks of unseen modules
+    else:  # a base model (stories260K): the real stories of ../shared/data, never in its conversion data
+        stories = (REPO.parent / "shared" / "data" / "tinystories_sample.txt").read_text(encoding="utf-8")
+        texts = [story.strip() for story in stories.split("\n\n") if story.strip()][:num_texts]
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = [tokenizer(text, add_special_tokens=False).input_ids[:128] for text in texts]
     bound = nll_per_token(model, ids, prefix_token_id=prefix, max_length=256, mc_samples=8, batch_size=16,
@@ -157,6 +165,11 @@ def lambada(model, tokenizer, limit: int) -> dict:
     }
 
 
+def prompts(tokenizer) -> list[str]:
+    """The chat questions for a model with a chat template, story openings (plain text) for one without."""
+    return CHAT_PROMPTS if tokenizer.chat_template else STORY_PROMPTS
+
+
 @torch.no_grad()
 def chat(model, tokenizer, max_new_tokens: int) -> dict:
     from peft_diffusion.cli.demo import answer_length, chat_input_ids
@@ -168,7 +181,7 @@ def chat(model, tokenizer, max_new_tokens: int) -> dict:
     eos_ids = {int(i) for i in eos_ids if i is not None}
     results = {"base": [], "0.9": [], "0.7": []}
     counts = {"0.9": [0, 0], "0.7": [0, 0]}  # tokens, forwards
-    for message in CHAT_PROMPTS:
+    for message in prompts(tokenizer):
         input_ids = chat_input_ids(tokenizer, message)
         length = input_ids.shape[1]
         with model.model.disable_adapter():
@@ -250,7 +263,7 @@ def main() -> None:
         "data": source,
         "training": training,
         "heldout_nll": heldout_nll(model, tokenizer, args.eval_texts),
-        "lambada": lambada(model, tokenizer, args.lambada),
+        "lambada": lambada(model, tokenizer, args.lambada) if args.lambada else None,
         "chat": chat(model, tokenizer, args.max_new_tokens),
     }
     result["eval_minutes"] = (time.perf_counter() - start) / 60
@@ -260,12 +273,12 @@ def main() -> None:
     nll, lam, gen = result["heldout_nll"], result["lambada"], result["chat"]
     print(
         f"| {name} | {training['steps']} | {nll['diffusion_bound']:.2f} vs {nll['base_exact']:.2f} "
-        f"| {lam['diffusion_accuracy']:.2f} vs {lam['base_accuracy']:.2f} "
-        f"| {gen['0.9']['tokens_per_forward']:.2f} / {gen['0.7']['tokens_per_forward']:.2f} "
+        + (f"| {lam['diffusion_accuracy']:.2f} vs {lam['base_accuracy']:.2f} " if lam else "| - ")
+        + f"| {gen['0.9']['tokens_per_forward']:.2f} / {gen['0.7']['tokens_per_forward']:.2f} "
         f"| {gen['0.9']['gen_ppl']:.1f} / {gen['0.7']['gen_ppl']:.1f} vs {gen['base']['gen_ppl']:.1f} "
         f"| {gen['0.9']['distinct2']:.2f} vs {gen['base']['distinct2']:.2f} |"
     )
-    for message, base_answer, answer in zip(CHAT_PROMPTS, gen["base"]["answers"], gen["0.9"]["answers"]):
+    for message, base_answer, answer in zip(prompts(tokenizer), gen["base"]["answers"], gen["0.9"]["answers"]):
         print(f"> {message}\n  base: {base_answer[:160]!r}\n  0.9 : {answer[:160]!r}")
 
 
