@@ -7,22 +7,22 @@ a message naming the hook when the host changes under it. Everything else in the
 
 | hook                        | relies on                                                              | checked on |
 |-----------------------------|------------------------------------------------------------------------|------------|
-| `CACHE_KWARG`               | the KV-cache keyword of model forwards: `cache` (5.24+), else          | 5.23, 5.24 |
+| `CACHE_KWARG`               | the KV-cache keyword of model forwards: `cache` (5.24+), else          | 5.23-5.25  |
 |                             | `past_key_values`; read from the fields of `CausalLMOutputWithPast`    |            |
-| `mask_materialisers`        | `AttentionMaskInterface` entries for sdpa/eager/flex taking            | 5.23, 5.24 |
+| `mask_materialisers`        | `AttentionMaskInterface` entries for sdpa/eager/flex taking            | 5.23-5.25  |
 |                             | `mask_function`, `local_size`, `allow_is_causal_skip`,                 |            |
 |                             | `allow_is_bidirectional_skip`, `use_vmap` keywords                     |            |
-| `set_attention_is_causal`   | attention modules' `is_causal` attribute, read by sdpa/flash when a    | 5.23, 5.24 |
+| `set_attention_is_causal`   | attention modules' `is_causal` attribute, read by sdpa/flash when a    | 5.23-5.25  |
 |                             | layer gets no mask                                                     |            |
-| `mark_initialized`          | `module._is_hf_initialized`: `post_init` skips modules carrying it     | 5.23, 5.24 |
-| `attn_implementation`       | `config._attn_implementation` (no public getter on a config)           | 5.23, 5.24 |
-| `SubConfigSpec`             | `transformers.configuration_utils.SubConfigSpec` (not exported)        | 5.23, 5.24 |
-| `disable_label_shift_count` | `Trainer._loss_shifts_labels`: `num_items_in_batch` counts             | 5.23, 5.24 |
+| `mark_initialized`          | `module._is_hf_initialized`: `post_init` skips modules carrying it     | 5.23-5.25  |
+| `attn_implementation`       | `config._attn_implementation` (no public getter on a config)           | 5.23-5.25  |
+| `SubConfigSpec`             | `transformers.configuration_utils.SubConfigSpec` (not exported)        | 5.23-5.25  |
+| `disable_label_shift_count` | `Trainer._loss_shifts_labels`: `num_items_in_batch` counts             | 5.23-5.25  |
 |                             | `labels[..., 1:]` when true                                            |            |
-| `CheckpointLoading`         | `Trainer._load_from_checkpoint(checkpoint, model)` and                 | 5.23, 5.24 |
+| `CheckpointLoading`         | `Trainer._load_from_checkpoint(checkpoint, model)` and                 | 5.23-5.25  |
 |                             | `Trainer._load_best_model()`, the only places a resume / best-model    |            |
 |                             | load can be intercepted                                                |            |
-| `generation_defaults`       | `GenerationConfig._get_default_generation_params()`: the values        | 5.23, 5.24 |
+| `generation_defaults`       | `GenerationConfig._get_default_generation_params()`: the values        | 5.23-5.25  |
 |                             | `generate` gives fields left unset (`temperature`, `top_k`, `top_p`)   |            |
 
 Not hooks any more (public routes used instead): the sdpa/eager/flex materialisers are read with public indexing

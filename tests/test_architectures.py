@@ -43,6 +43,32 @@ def test_every_installed_causal_lm_is_in_the_table():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def test_the_readme_counts_are_the_table_s():
+    """README.md's verdict table gives the count of each verdict of the table in `architectures.py`."""
+    import re
+    from collections import Counter
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    written = {
+        label: int(count) for label, count in re.findall(r"^\| (verified|refused: [^|]+?) \| (\d+) \|", readme, re.M)
+    }
+    refused = Counter(reason for reason, _ in REFUSED_ARCHITECTURES.values())
+    labels = {
+        "non_attention_mixer": "refused: non-attention token mixer",
+        "mask_outside_masking_utils": "refused: masks built outside `masking_utils`",
+        "chunked_attention": "refused: chunked attention",
+        "no_tiny_config": "refused: not verified (no tiny config)",
+    }
+    expected = {
+        "verified": len(VERIFIED_ARCHITECTURES),
+        **{labels[reason]: count for reason, count in refused.items()},
+    }
+    assert written == expected
+    total = len(VERIFIED_ARCHITECTURES) + len(REFUSED_ARCHITECTURES)
+    assert f"`AutoModelForCausalLM` mapping: {total} model types" in readme
+
+
 def one_layer(pattern, q, k, is_open=None):
     """Single stream, one document: may query q attend to key k?"""
     if pattern == "causal":
