@@ -121,7 +121,7 @@ def heldout_nll(model, tokenizer, num_texts: int) -> dict:
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = [tokenizer(text, add_special_tokens=False).input_ids[:128] for text in texts]
     bound = nll_per_token(model, ids, prefix_token_id=prefix, max_length=256, mc_samples=8, batch_size=16,
-                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+                          generator=torch.Generator().manual_seed(0), progress=True)  # fmt: skip
     with model.model.disable_adapter():
         exact = ar_nll_per_token(model.causal_lm, ids, prefix, 256)
     return {"diffusion_bound": bound.nll, "bound_stderr": bound.stderr, "base_exact": exact, "gap": bound.nll - exact}
@@ -149,7 +149,7 @@ def lambada(model, tokenizer, limit: int) -> dict:
         whole = tokenizer(context + word, add_special_tokens=False).input_ids
         cut = len(tokenizer(context, add_special_tokens=False).input_ids)
         pairs.append((whole[:cut], whole[cut:]))
-    estimates = loglikelihood_batch(model, pairs, estimator="left_to_right", batch_size=16)
+    estimates = loglikelihood_batch(model, pairs, estimator="left_to_right", batch_size=16, progress=True)
     base_hits = 0
     with model.model.disable_adapter():
         for context_ids, word_ids in pairs:

@@ -142,7 +142,12 @@ def main(argv=None) -> None:
     for name, kwargs in settings:
         start, counter.rows = time.perf_counter(), 0
         estimates = loglikelihood_batch(
-            model, requests, batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed), **kwargs
+            model,
+            requests,
+            batch_size=args.batch_size,
+            generator=torch.Generator().manual_seed(args.seed),
+            progress=True,
+            **kwargs,
         )
         seconds = time.perf_counter() - start
         scores = [(estimates[2 * i].logprob, estimates[2 * i + 1].logprob) for i in range(len(rows))]

@@ -297,8 +297,14 @@ def _right_pad(tensors: list[torch.Tensor], width: int, value, dtype: torch.dtyp
 
 
 @torch.no_grad()
-def _score_rows(model, rows: list[_Row], batch_size: int, two_stream: bool) -> tuple[list[float], list[bool]]:
-    """Per row: `sum_i weights_i * log p(y_i | x_t)`, and whether the argmax hits every masked target (greedy)."""
+def _score_rows(
+    model, rows: list[_Row], batch_size: int, two_stream: bool, progress: bool = False
+) -> tuple[list[float], list[bool]]:
+    """Per row: `sum_i weights_i * log p(y_i | x_t)`, and whether the argmax hits every masked target (greedy).
+    `progress`: a tqdm bar of scored rows on stderr (plain tqdm: shown even when transformers' bars are off)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(rows), desc="Scoring", unit="row", disable=not progress, dynamic_ncols=True)
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda index: -rows[index].noisy_ids.shape[0])  # similar lengths together
     results: dict[int, tuple[float, bool]] = {}
@@ -328,6 +334,8 @@ def _score_rows(model, rows: list[_Row], batch_size: int, two_stream: bool) -> t
         row_miss = torch.zeros(len(chunk), dtype=torch.long, device=device).index_add_(0, row_of, (~hit).long())  # [b]
         for index, score, miss in zip(order[first : first + batch_size], row_score.tolist(), row_miss.tolist()):
             results[index] = (score, miss == 0)
+        bar.update(len(chunk))
+    bar.close()
     return [results[index][0] for index in range(len(rows))], [results[index][1] for index in range(len(rows))]
 
 
@@ -344,6 +352,7 @@ def loglikelihood_batch(
     batch_size: int = 32,
     generator: torch.Generator | None = None,
     estimator: str = "elbo",
+    progress: bool = False,
 ) -> list[LikelihoodEstimate]:
     r"""Monte-Carlo ELBO estimates of `log p(continuation | context)` for many pairs, batched over samples and pairs.
 
@@ -368,6 +377,7 @@ def loglikelihood_batch(
             deterministic log-likelihood of the model's own semi-autoregressive decoding order (module docstring):
             no variance (`stderr` 0, `mc_samples` unused) and one forward per position of the largest group (the
             block size under block attention with clean context).
+        progress (`bool`, defaults to `False`): a progress bar of the scored rows on stderr.
 
     Returns:
         `list[LikelihoodEstimate]`, one per request.
@@ -428,7 +438,7 @@ def loglikelihood_batch(
         num_tokens.append(continuation.shape[0])
     # 3. scores
     with token_rows_merged(model):
-        scores, greedy = _score_rows(model, rows, batch_size, two_stream)
+        scores, greedy = _score_rows(model, rows, batch_size, two_stream, progress)
     # 4. per pair: sum the block terms of each sample, then mean and standard error over samples
     samples = torch.zeros(len(num_tokens), mc_samples, dtype=torch.float64)  # [P, M]
     is_greedy = [True] * len(num_tokens)
@@ -510,6 +520,7 @@ def nll_per_token(
     mc_samples: int = 32,
     batch_size: int = 32,
     generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> PerplexityBound:
     r"""Per-token NLL bound and perplexity bound of a text dataset, in rolling windows at the model's context.
 
@@ -530,6 +541,7 @@ def nll_per_token(
         mc_samples (`int`, defaults to 32): Monte-Carlo samples per window.
         batch_size (`int`, defaults to 32): rows per forward pass.
         generator (`torch.Generator`, *optional*): a CPU generator, for reproducible estimates.
+        progress (`bool`, defaults to `False`): a progress bar of the scored rows on stderr.
 
     Returns:
         `PerplexityBound` (`nll`, `perplexity`, `stderr`, `num_tokens`).
@@ -569,7 +581,9 @@ def nll_per_token(
             requests.append(([previous], ids[start : start + window]))
     if not requests:
         raise ValueError("`texts` holds no tokens to score.")
-    estimates = loglikelihood_batch(model, requests, mc_samples=mc_samples, batch_size=batch_size, generator=generator)
+    estimates = loglikelihood_batch(
+        model, requests, mc_samples=mc_samples, batch_size=batch_size, generator=generator, progress=progress
+    )
     num_tokens = sum(estimate.num_tokens for estimate in estimates)
     nll = -sum(estimate.logprob for estimate in estimates) / num_tokens
     stderr = math.sqrt(sum(estimate.stderr**2 for estimate in estimates)) / num_tokens

@@ -438,3 +438,16 @@ def test_lm_eval_model_is_registered_under_its_name_and_reached_by_the_cli():
 
     assert get_model("peft_diffusion") is DiffusionLMEval
     assert "integrations.lm_eval import DiffusionLMEval" in inspect.getsource(eval_command._lm_eval)
+
+
+def test_progress_bar_of_scored_rows_only_when_asked(capsys):
+    """`progress=True` shows a bar of the scored rows on stderr (what the benchmarks, lm-eval and long runs want);
+    the default stays silent for callers that loop with their own bar; the estimates do not depend on it."""
+    model = diffusion()
+    requests = [([1, 5], [6, 7]), ([1], [9, 4, 2])]
+    quiet = loglikelihood_batch(model, requests, mc_samples=3, batch_size=2, generator=generator())
+    assert "Scoring" not in capsys.readouterr().err
+    shown = loglikelihood_batch(model, requests, mc_samples=3, batch_size=2, generator=generator(), progress=True)
+    err = capsys.readouterr().err
+    assert "Scoring" in err and "row" in err
+    assert [e.logprob for e in shown] == [e.logprob for e in quiet]

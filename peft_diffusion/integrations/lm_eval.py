@@ -186,6 +186,7 @@ class DiffusionLMEval(LM):
             batch_size=self.batch_size,
             generator=self._generator(),
             estimator=self.estimator,
+            progress=not disable_tqdm,
         )
         return [(estimate.logprob, estimate.is_greedy) for estimate in estimates]
 
@@ -204,6 +205,7 @@ class DiffusionLMEval(LM):
             batch_size=self.batch_size,
             generator=self._generator(),
             estimator=self.estimator,
+            progress=not disable_tqdm,
         )
         totals = [0.0] * len(requests)
         for owner, estimate in zip(owners, estimates):
