@@ -393,6 +393,16 @@ def test_resume_from_a_checkpoint_holding_peft_embedding_layers(tmp_path):
         torch.testing.assert_close(got[name], expected[name])
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test (as in a script or a terminal), restored afterwards: the Ctrl-C tests
+    check what `train()` does over it, whatever an earlier test in the same worker left installed (an ignored SIGINT
+    is kept by design, and once made these tests fail with a default handler that is not callable)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class CtrlC(TrainerCallback):
     """Presses Ctrl-C `times` times during optimizer step `step` (1-based), through the SIGINT handler in place
     (`real=False`) or by raising a real SIGINT in the process (`real=True`)."""
@@ -409,7 +419,7 @@ class CtrlC(TrainerCallback):
                     signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_result(python_sigint, tmp_path):
     common = dict(max_steps=4, packing=True)  # save_strategy="no": nothing would be saved otherwise
     uninterrupted = make_trainer(tmp_path / "a", "text", **common)
     uninterrupted.train()
@@ -438,7 +448,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_
     assert [entry["loss"] for entry in resumed.state.log_history if "loss" in entry] == pytest.approx(losses, 1e-5)
 
 
-def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, caplog):
+def test_a_second_ctrl_c_stops_at_once_without_saving(python_sigint, tmp_path, caplog):
     handler = signal.getsignal(signal.SIGINT)
     trainer = make_trainer(tmp_path, "text", max_steps=4, packing=True)
     trainer.add_callback(CtrlC(step=2, times=2))
@@ -452,7 +462,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, caplog):
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="SIGINT needs the main thread")
-def test_a_real_sigint_saves_a_checkpoint(tmp_path):
+def test_a_real_sigint_saves_a_checkpoint(python_sigint, tmp_path):
     trainer = make_trainer(tmp_path, "text", max_steps=4, packing=True)
     trainer.add_callback(CtrlC(step=3, real=True))
     with pytest.raises(KeyboardInterrupt, match=r"after step 3 of 4; saved a resumable checkpoint"):
