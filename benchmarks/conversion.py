@@ -41,6 +41,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source checkout without an install
 
+from speculative import STORY_PROMPTS  # noqa: E402  (benchmarks/ is the script's folder)
+
 CHAT_PROMPTS = [
     "What is the capital of France?",
     "Give me three tips for staying healthy.",
@@ -49,7 +51,6 @@ CHAT_PROMPTS = [
     "Name two primary colors.",
     "Explain in one sentence what a noun is.",
 ]
-STORY_PROMPTS = ["Once upon a time", "Lily and her dog went to the park", "The sun was", "Tom had a red ball and"]
 
 
 def build_dataset(args, base, tokenizer):

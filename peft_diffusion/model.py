@@ -462,16 +462,15 @@ class DiffusionLM(PreTrainedModel):
         see `peft_diffusion.speculation.speculative_generate`."""
         from .conversion import token_rows_merged
 
-        if speculative:
-            from .speculation import speculative_generate
-
-            with token_rows_merged(self.model):
-                return speculative_generate(self, input_ids, verifier=verifier, **kwargs)
-        if verifier is not None:
+        if verifier is not None and not speculative:
             raise ValueError("`verifier` is only used with `speculative=True`; pass both, or neither.")
-        from .generation import generate
-
         with token_rows_merged(self.model):
+            if speculative:
+                from .speculation import speculative_generate
+
+                return speculative_generate(self, input_ids, verifier=verifier, **kwargs)
+            from .generation import generate
+
             return generate(self, input_ids, **kwargs)
 
     @torch.no_grad()

@@ -309,14 +309,19 @@ def dependency_failures(
     return failures
 
 
-def tiny_model_failures(model) -> list[DependencyFailure]:
-    """`dependency_failures` of a tiny model, in float64; in float32 (tolerance 0) when float64 crashes (some
-    kernels take no float64). Converts `model` in place, and switches grouped expert matmuls (transformers >= 5.25's
-    MoE default, no float64 kernel; in float32 a token's result depends on how many others share its expert) to the
-    per-expert loop."""
+def per_expert_loop(model) -> None:
+    """Switch a tiny MoE model's grouped expert matmuls (transformers >= 5.25's default) to the per-expert loop, in
+    place: grouped matmuls take no float64, and in float32 a token's result depends on how many others share its
+    expert, which a dependency check would read as a dependency. A no-op for other models."""
     if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
         with contextlib.suppress(ValueError, AttributeError):
             model.set_experts_implementation("eager")
+
+
+def tiny_model_failures(model) -> list[DependencyFailure]:
+    """`dependency_failures` of a tiny model, in float64; in float32 (tolerance 0) when float64 crashes (some
+    kernels take no float64). Converts `model` in place (and to the per-expert loop: `per_expert_loop`)."""
+    per_expert_loop(model)
     failures = dependency_failures(model.to(torch.float64))
     if any(failure.crashed for failure in failures):
         failures = dependency_failures(model.to(torch.float32))

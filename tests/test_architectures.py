@@ -21,7 +21,7 @@ from peft_diffusion.architectures import (
     check_architecture,
 )
 from peft_diffusion.attention import AttentionLayout, diffusion_attention, non_causal, two_stream_layout
-from peft_diffusion.probe import probe_architecture
+from peft_diffusion.probe import per_expert_loop, probe_architecture
 
 LENGTH = 12
 BLOCK = 4
@@ -133,10 +133,7 @@ def layers_of(model):
 @pytest.mark.parametrize("arch", INSTALLED_VERIFIED)
 def test_verified_architecture_follows_every_pattern(arch, backend):
     model = tiny_causal_lm(arch, backend)
-    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
-        # Grouped expert matmuls (transformers >= 5.25's MoE default) have no float64 kernel, and in float32 a token's
-        # result depends on how many others share its expert: the per-expert loop computes each token on its own.
-        model.set_experts_implementation("eager")
+    per_expert_loop(model)  # grouped expert matmuls: no float64, and batch-dependent results in float32
     tokens = torch.randint(3, 120, (1, 2 * LENGTH), generator=torch.Generator().manual_seed(0))
     try:  # float64: a two-layer chain changes a fresh model's logits by ~1e-7 only
         model.double()
