@@ -68,6 +68,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .adapter_views import lean_inference
 from .architectures import context_window
 from .conversion import token_rows_merged
 from .generation import _check_token_ids
@@ -437,7 +438,7 @@ def loglikelihood_batch(
         )
         num_tokens.append(continuation.shape[0])
     # 3. scores
-    with token_rows_merged(model):
+    with token_rows_merged(model), lean_inference(model):
         scores, greedy = _score_rows(model, rows, batch_size, two_stream, progress)
     # 4. per pair: sum the block terms of each sample, then mean and standard error over samples
     samples = torch.zeros(len(num_tokens), mc_samples, dtype=torch.float64)  # [P, M]

@@ -460,18 +460,20 @@ class DiffusionLM(PreTrainedModel):
         """Parallel denoising; see `peft_diffusion.generation.generate` for the arguments. With `speculative=True`,
         the base model's own output, drafted by the adapter and verified by the base (or by `verifier`, a causal LM):
         see `peft_diffusion.speculation.speculative_generate`."""
+        from .adapter_views import lean_inference
         from .conversion import token_rows_merged
 
         if verifier is not None and not speculative:
             raise ValueError("`verifier` is only used with `speculative=True`; pass both, or neither.")
         with token_rows_merged(self.model):
-            if speculative:
+            if speculative:  # switches between its own views of the adapter model (`adapter_views.py`)
                 from .speculation import speculative_generate
 
                 return speculative_generate(self, input_ids, verifier=verifier, **kwargs)
             from .generation import generate
 
-            return generate(self, input_ids, **kwargs)
+            with lean_inference(self.model):
+                return generate(self, input_ids, **kwargs)
 
     @torch.no_grad()
     def infill(self, *args, **kwargs):
@@ -480,10 +482,11 @@ class DiffusionLM(PreTrainedModel):
             raise ValueError(
                 "`speculative=True` is for left-to-right generation (`generate`); `infill` fills gaps by denoising."
             )
+        from .adapter_views import lean_inference
         from .conversion import token_rows_merged
         from .generation import infill
 
-        with token_rows_merged(self.model):
+        with token_rows_merged(self.model), lean_inference(self.model):
             return infill(self, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------

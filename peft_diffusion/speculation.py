@@ -1,14 +1,14 @@
 """Self-speculative decoding: the adapter drafts a block, the base verifies it, and the output is the base's.
 
 A LoRA conversion leaves the causal LM intact under its adapter, so one set of weights holds two models: the diffusion
-drafter (adapter on, the model's block attention) and the exact autoregressive base (adapter off through PEFT's
-`disable_adapter()`, plain causal attention). Each round the drafter fills a block of `W` mask tokens after the
-committed text in `steps` denoising steps; the base scores the whole block in one causal forward; the longest prefix
-the base agrees with is kept, plus one token of the base's own (Leviathan et al. 2023, arXiv:2211.17192, Algorithm 1;
-Chen et al. 2023, arXiv:2302.01318). The output is therefore the base model's: token for token under greedy decoding
-(equal to its HF `generate(do_sample=False)`), and in distribution under sampling. Only the speed depends on how well
-the adapter was trained. A fully finetuned model has no adapter to switch off: pass the original causal LM as
-`verifier=`.
+drafter (adapter on, the model's block attention) and the exact autoregressive base (adapter off, plain causal
+attention), both run without PEFT's per-layer dispatch (`adapter_views.py`). Each round the drafter fills a block of
+`W` mask tokens after the committed text in `steps` denoising steps; the base scores the whole block in one causal
+forward; the longest prefix the base agrees with is kept, plus one token of the base's own (Leviathan et al. 2023,
+arXiv:2211.17192, Algorithm 1; Chen et al. 2023, arXiv:2302.01318). The output is therefore the base model's: token
+for token under greedy decoding (equal to its HF `generate(do_sample=False)`), and in distribution under sampling.
+Only the speed depends on how well the adapter was trained. A fully finetuned model has no adapter to switch off: pass
+the original causal LM as `verifier=`.
 
 Why our own loop and not transformers' assisted generation. transformers 5.24 runs speculative decoding inside
 `generate()` (`generation/utils.py: _assisted_decoding`, candidate generators in `generation/candidate_generator.py`,
@@ -76,15 +76,13 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import PeftModel
-from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import AuxiliaryTrainingWrapper
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.utils import ModelOutput
 
 from . import _compat, samplers
+from .adapter_views import AdapterViews
 from .generation import (
     DiffusionGenerationConfig,
     _check_left_padding,
@@ -209,7 +207,7 @@ def speculative_generate(
     # budget, so only the call's own value counts.
     steps = kwargs.get("steps", getattr(generation_config, "steps", None))
     config = _resolve_config(model, generation_config, kwargs)
-    verifier_model, verifier_context, vocab_size = _resolve_verifier(model, verifier)
+    verifier_model, verifier_context, drafter_context, vocab_size = _resolve_verifier(model, verifier)
     settings = _Settings.resolve(model, config, steps, verifier_model, vocab_size, generator)
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("`input_ids` must be a `(batch_size, prompt_length)` LongTensor of prompts.")
@@ -226,7 +224,9 @@ def speculative_generate(
             f"`streamer` supports batch size 1, got batch_size={input_ids.shape[0]}; stream one prompt at a time."
         )
 
-    speculator = _Speculator(model, verifier_model, verifier_context, settings, input_ids, attention_mask, streamer)
+    speculator = _Speculator(
+        model, verifier_model, verifier_context, drafter_context, settings, input_ids, attention_mask, streamer
+    )
     sequences = speculator.run()
     if not config.return_dict_in_generate:
         return sequences
@@ -249,10 +249,10 @@ def speculative_generate(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _resolve_verifier(model, verifier) -> tuple[PreTrainedModel, Callable, int]:
-    """`(verifier, context, vocab_size)`: the causal LM to call, the context it runs in (the adapter disabled) and
-    the number of vocabulary columns both models score (the base's own, without a mask-token row added for the
-    conversion)."""
+def _resolve_verifier(model, verifier) -> tuple[PreTrainedModel, Callable, Callable, int]:
+    """`(verifier, verifier context, drafter context, vocab_size)`: the causal LM to call, the contexts the
+    verification and the draft run in (`AdapterViews`: the base alone, lean LoRA layers) and the number of
+    vocabulary columns both models score (the base's own, without a mask-token row added for the conversion)."""
     mask_token_id = model.config.mask_token_id
     drafter_vocab = model.causal_lm.config.get_text_config().vocab_size
     if model.config.attention != "block":
@@ -278,7 +278,8 @@ def _resolve_verifier(model, verifier) -> tuple[PreTrainedModel, Callable, int]:
         original = fingerprint.get("vocab_size")
         # A mask token added for the conversion is a row the original base never had: it is not scored.
         vocab_size = original if original is not None and mask_token_id >= original else drafter_vocab
-        return model.causal_lm, _AdapterSwitch(model.model, vocab_size), vocab_size
+        views = AdapterViews(model.model, vocab_size)
+        return model.causal_lm, views.base, views.adapter, vocab_size
     if (
         not isinstance(verifier, PreTrainedModel)
         or type(verifier).__name__ == "DiffusionLM"
@@ -294,46 +295,9 @@ def _resolve_verifier(model, verifier) -> tuple[PreTrainedModel, Callable, int]:
             f"conversion): it has {vocab_size} tokens and the drafter {drafter_vocab} (mask token id "
             f"{mask_token_id}); pass the causal LM the model was converted from."
         )
-    return verifier, contextlib.nullcontext, vocab_size
-
-
-class _AdapterSwitch:
-    """`PeftModel.disable_adapter()` as a reusable context, without its per-call scan of the model.
-
-    `disable_adapter()` checks the status of every adapter layer (`get_model_status`) and walks the module tree twice
-    on each entry: a verification forward of stories260K took 8.5 ms through it against 3.3 ms here (the base alone:
-    2.1 ms). Here the layers it switches (`BaseTunerLayer`, `AuxiliaryTrainingWrapper`, e.g. the mask-token row) are
-    found once and switched with their public `enable_adapters`, the calls `disable_adapter()` makes; they are
-    switched back on when the context exits, also on an error.
-
-    Trainable token rows that the verification never reads stay on: rows at or past `vocab_size` (the mask token's
-    row added for the conversion) are neither an input (the canvas holds committed and drafted tokens) nor a scored
-    logit column, so the base's output is the same with them, and they stay merged (`token_rows_merged`) instead of
-    being unmerged by the switch and rebuilt on every draft forward.
-    """
-
-    def __init__(self, peft_model: PeftModel, vocab_size: int):
-        def unread(module) -> bool:
-            layer = getattr(module, "token_adapter", module)
-            if not isinstance(layer, TrainableTokensLayer):
-                return False
-            return all(not indices or min(indices) >= vocab_size for indices in layer.token_indices.values())
-
-        self.layers = [
-            module
-            for module in peft_model.modules()
-            if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and not unread(module)
-        ]
-
-    @contextlib.contextmanager
-    def __call__(self):
-        for layer in self.layers:
-            layer.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                layer.enable_adapters(True)
+    # A LoRA drafter verified by a separate model still drafts through lean LoRA layers.
+    drafter = AdapterViews(model.model, vocab_size).adapter if isinstance(model.model, PeftModel) else None
+    return verifier, contextlib.nullcontext, drafter or contextlib.nullcontext, vocab_size
 
 
 @dataclass(frozen=True)
@@ -449,6 +413,7 @@ class _Speculator:
     model: torch.nn.Module
     verifier: torch.nn.Module
     verifier_context: Callable
+    drafter_context: Callable
     settings: _Settings
     input_ids: torch.Tensor  # [B, P]
     prompt_mask: torch.Tensor  # [B, P]
@@ -538,13 +503,14 @@ class _Speculator:
             if step_index > 0 and settings.threshold is not None and not bool(is_masked.any()):
                 break
             start = self.draft_length
-            outputs = self.model(
-                input_ids=self.canvas(drafts, ends, slots, end)[:, start:],
-                attention_mask=attention_mask,
-                cache=self.draft_cache,
-                use_cache=True,
-                logits_to_keep=end - lowest,
-            )
+            with self.drafter_context():
+                outputs = self.model(
+                    input_ids=self.canvas(drafts, ends, slots, end)[:, start:],
+                    attention_mask=attention_mask,
+                    cache=self.draft_cache,
+                    use_cache=True,
+                    logits_to_keep=end - lowest,
+                )
             self.drafter_forwards += 1
             self.crop(self.draft_cache, keep_upto)
             self.draft_length = keep_upto

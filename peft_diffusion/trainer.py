@@ -196,6 +196,11 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
                     "`model` is already a DiffusionLM: `diffusion_config`, `peft_config` and `quantization_config` "
                     "are for converting a causal LM; drop them, or pass the plain causal LM."
                 )
+            if not any(parameter.requires_grad for parameter in model.parameters()):
+                raise ValueError(
+                    "`model` has no trainable parameters: `DiffusionLM.from_pretrained` loads an adapter frozen, for "
+                    "inference. Load it with `DiffusionLM.from_pretrained(path, is_trainable=True)` to train it on."
+                )
         else:
             if diffusion_config is None:
                 raise ValueError(

@@ -534,6 +534,21 @@ def test_qlora_without_bitsandbytes_says_how_to_install(tmp_path, monkeypatch):
         make_trainer(tmp_path, base=str(tmp_path), quantization_config=object())
 
 
+def test_an_adapter_loaded_frozen_is_refused_before_training(tmp_path):
+    # `from_pretrained` loads the adapter for inference (no parameter requires grad): without the check, training
+    # failed at the first backward with autograd's "element 0 of tensors does not require grad".
+    config = DiffusionConfig(attention="block", block_size=4, mask_token_id=MASK_ID)
+    get_diffusion_model(tiny_causal_lm("llama"), config, peft_config=lora()).save_pretrained(tmp_path / "adapter")
+    frozen = DiffusionLM.from_pretrained(tmp_path / "adapter", base_model=tiny_causal_lm("llama"))
+    args = dict(args=training_args(tmp_path / "out"), train_dataset=dataset("text"), processing_class=word_tokenizer())
+    with pytest.raises(ValueError, match=r"from_pretrained\(path, is_trainable=True\)"):
+        DiffusionTrainer(frozen, **args)
+    trainable = DiffusionLM.from_pretrained(
+        tmp_path / "adapter", base_model=tiny_causal_lm("llama"), is_trainable=True
+    )
+    assert DiffusionTrainer(trainable, **args).model is trainable
+
+
 def test_bad_trainer_arguments(tmp_path):
     base = tiny_causal_lm("llama")
     tokenizer = word_tokenizer()
