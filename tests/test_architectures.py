@@ -60,6 +60,8 @@ def test_the_readme_counts_are_the_table_s():
         "chunked_attention": "refused: chunked attention",
         "no_tiny_config": "refused: not verified (no tiny config)",
     }
+    unlabelled = sorted(set(refused) - set(labels))
+    assert not unlabelled, f"new refusal reasons {unlabelled}: add a README row and a label here for each"
     expected = {
         "verified": len(VERIFIED_ARCHITECTURES),
         **{labels[reason]: count for reason, count in refused.items()},
