@@ -8,6 +8,10 @@ For each prompt length P (the cache) and block length W:
 Rounds alternate and each keeps its best time. A block forward must not pay for the prompt (its time stays flat in
 P) nor for dense L x L masks; the target (issue 7) is <= 1.10x one AR step on a GPU, <= 1.5x on CPU.
 
+With `--token-counts M1 M2 ...`, also the cost curve of the causal LM itself: one cached forward over M tokens (logits
+of the last only) against one AR step, for each M, at the first prompt length. It says what batching more tokens
+into one forward costs on the device (e.g. a draft and a verification in one forward).
+
     python benchmarks/block_forward.py --model ~/.cache/peft_diffusion/SmolLM2-135M-Instruct --blocks 4 8 16 32
     python benchmarks/block_forward.py --config Qwen/Qwen2.5-0.5B --device cuda --dtype bfloat16
 """
@@ -60,6 +64,7 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    parser.add_argument("--token-counts", type=int, nargs="*", default=[], help="the causal forward's cost curve")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -127,6 +132,34 @@ def main():
                 )
             model.model = None  # drop the wrapper; the next block size wraps the same causal LM again
 
+    curve = []
+    if args.token_counts:
+        prompt = args.prompt_lengths[0]
+        cache = DynamicCache()
+        with torch.no_grad():
+            causal_lm(input_ids=tokens[:, :prompt], past_key_values=cache, use_cache=True)
+
+            def forward(count, cache=cache, prompt=prompt):
+                causal_lm(
+                    input_ids=tokens[:, prompt : prompt + count],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                cache.crop(prompt - cache.get_seq_length())
+
+            best = {count: float("inf") for count in [1, *args.token_counts]}
+            for count in best:
+                forward(count)
+            for _ in range(args.rounds):
+                for count in best:
+                    synchronize()
+                    start = time.perf_counter()
+                    forward(count)
+                    synchronize()
+                    best[count] = min(best[count], time.perf_counter() - start)
+        curve = [dict(tokens=count, ms=seconds * 1e3, vs_ar_step=seconds / best[1]) for count, seconds in best.items()]
+
     print(
         f"model={args.model or args.config or 'SmolLM2-135M shape (random)'} batch={args.batch_size} "
         f"device={args.device} dtype={args.dtype} attn={args.attn} threads={args.threads}; best of {args.rounds}"
@@ -137,9 +170,14 @@ def main():
             f"{row['prompt_length']:5d} {row['block']:4d} {row['ar_step_ms']:11.1f} {row['block_ms']:9.1f} "
             f"{row['block_masked_ms']:10.1f} {row['ratio']:9.2f}"
         )
+    if curve:
+        print(f"causal forward over M tokens, a {args.prompt_lengths[0]}-token cache:")
+        print(f"{'M':>4} {'ms':>8} {'x AR step':>10}")
+        for row in curve:
+            print(f"{row['tokens']:4d} {row['ms']:8.1f} {row['vs_ar_step']:10.2f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"args": vars(args), "rows": rows}, handle, indent=2)
+            json.dump({"args": vars(args), "rows": rows, "causal_curve": curve}, handle, indent=2)
 
 
 if __name__ == "__main__":

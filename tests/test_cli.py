@@ -181,6 +181,7 @@ def test_convert_full_finetuning_saves_a_full_model(tiny_model_dir, tmp_path, ca
     model = DiffusionLM.from_pretrained(tmp_path)
     assert not model.is_peft and model.config.attention == "bidirectional"
     assert "full finetuning" in out
+    assert "--full: training without the AR teacher" in out  # the recipe's teacher needs a LoRA adapter
     # the demo's AR base is the checkpoint before conversion, not the finetuned weights
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = char_tokenizer()
@@ -260,6 +261,13 @@ def test_diffusion_flags_are_derived_from_the_config_and_only_the_recipe_overrid
     for name in helps:
         assert getattr(diffusion_args, name) == defaults.CONVERT_DEFAULTS.get(name, getattr(library, name)), name
     assert diffusion_args.block_size == defaults.CONVERT_DEFAULTS["block_size"] != library.block_size
+
+
+def test_the_recipe_trains_with_the_ar_teacher_and_a_flag_turns_it_off():
+    _, _, training_args, _ = parse(convert_parser(), [])
+    assert training_args.teacher_weight == defaults.CONVERT_DEFAULTS["teacher_weight"] == 1.0
+    _, _, training_args, _ = parse(convert_parser(), ["--teacher_weight", "0"])
+    assert training_args.teacher_weight == 0.0
 
 
 def test_names_registered_outside_the_package_are_cli_choices():

@@ -135,6 +135,10 @@ def convert(argv: list[str]) -> int:
     peft_config = None if script_args.full else get_peft_config(model_args)
     if not script_args.full and peft_config is None:
         raise CommandError("LoRA is off (use_peft: false in the config): pass --full for full finetuning.")
+    if script_args.full and training_args.teacher_weight == CONVERT_DEFAULTS["teacher_weight"]:
+        # the recipe's teacher is the base under a LoRA adapter; a full finetune has none (set by hand: an error)
+        training_args.teacher_weight = 0.0
+        print("--full: training without the AR teacher (it is the base under a LoRA adapter)")
 
     # 2. conversion and training
     with removed_if_left_empty(training_args.output_dir):  # the Trainer creates it; a failed run leaves nothing
