@@ -24,6 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source checkout without an install
 
+from token_rows import add_arguments, chat_model_and_prompt  # noqa: E402  (benchmarks/ is the script's folder)
+
 
 def best_ms(run, rounds: int) -> float:
     run()
@@ -36,37 +38,15 @@ def best_ms(run, rounds: int) -> float:
 
 
 def main(argv=None):
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.cache_utils import DynamicCache
 
-    from peft_diffusion import DiffusionConfig, DiffusionLM, adapter_views, get_diffusion_model
+    from peft_diffusion import adapter_views
     from peft_diffusion.conversion import token_rows_merged
-    from peft_diffusion.sources import DEFAULT_MODEL_NAME, local_model_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="default: the CLI's SmolLM2-135M-Instruct folder")
-    parser.add_argument("--adapter", default=None, help="a saved LoRA diffusion adapter of --model (default: random)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    add_arguments(parser, "a saved LoRA diffusion adapter of --model (default: a random one)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    path = args.model or str(local_model_path(DEFAULT_MODEL_NAME))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
-    if args.adapter:
-        model = DiffusionLM.from_pretrained(args.adapter, base_model=base).eval()
-    else:
-        torch.manual_seed(0)
-        lora = LoraConfig(r=32, lora_alpha=32, target_modules="all-linear")
-        config = DiffusionConfig(attention="block", block_size=4)
-        model = get_diffusion_model(base, config, tokenizer=tokenizer, peft_config=lora).eval()
-        for name, parameter in model.named_parameters():  # B = 0 at init: a small random update instead
-            if "lora_B" in name:
-                torch.nn.init.normal_(parameter, std=0.01)
-    messages = [{"role": "user", "content": "Give me three tips for staying healthy."}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    model, inputs = chat_model_and_prompt(args)
     # The columns the verification scores: the base's vocabulary, without the mask row added for the conversion
     # (as `speculative_generate` resolves it); that row stays merged in the base view.
     vocab = (model.config.base_fingerprint or {}).get("vocab_size") or model.causal_lm.config.vocab_size
