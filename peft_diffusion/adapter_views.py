@@ -106,19 +106,22 @@ class AdapterViews:
                 self.swaps.append((peft_model.get_submodule(parent_name), attribute, module))
             elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and not unread(module):
                 self.switched.append(module)
-        self.lean = [LeanLora(layer) for _, _, layer in self.swaps]
+        # what each view puts in the swapped places: PEFT's layers, their base layers, lean layers
+        self.peft = [layer for _, _, layer in self.swaps]
+        self.bases = [layer.get_base_layer() for layer in self.peft]
+        self.lean = [LeanLora(layer) for layer in self.peft]
 
     def _put(self, modules) -> None:
         for (parent, attribute, _), module in zip(self.swaps, modules, strict=True):
             setattr(parent, attribute, module)
 
     def _restore(self) -> None:
-        self._put([layer for _, _, layer in self.swaps])
+        self._put(self.peft)
 
     @contextlib.contextmanager
     def base(self):
         """The base model: LoRA linears replaced by their base layers, other adapter layers switched off."""
-        self._put([layer.get_base_layer() for _, _, layer in self.swaps])
+        self._put(self.bases)
         for layer in self.switched:
             layer.enable_adapters(False)
         try:

@@ -296,8 +296,8 @@ def _resolve_verifier(model, verifier) -> tuple[PreTrainedModel, Callable, Calla
             f"{mask_token_id}); pass the causal LM the model was converted from."
         )
     # A LoRA drafter verified by a separate model still drafts through lean LoRA layers.
-    drafter = AdapterViews(model.model, vocab_size).adapter if isinstance(model.model, PeftModel) else None
-    return verifier, contextlib.nullcontext, drafter or contextlib.nullcontext, vocab_size
+    drafter = AdapterViews(model.model).adapter if isinstance(model.model, PeftModel) else contextlib.nullcontext
+    return verifier, contextlib.nullcontext, drafter, vocab_size
 
 
 @dataclass(frozen=True)
