@@ -6,7 +6,9 @@ with `--stop-at-eos` up to and including its first EOS (what a chat user gets; c
   - `lookup`: HF's prompt-lookup decoding (`prompt_lookup_num_tokens=--lookup-tokens`: drafts copied from n-gram
     matches in the prompt, verified by the base; batch 1 only, as HF's assisted generation);
   - `spec-W<w>`: `model.generate(speculative=True, block_length=w, steps=--steps)`: the adapter drafts `w` tokens,
-    the base (adapter disabled) verifies them in one forward.
+    the base (adapter disabled) verifies them in one forward;
+  - `spec-W<w>-T<n>` (`--tree-sizes n ...`): the same with `tree_size=n`: a draft tree of `n` tokens (the chain and
+    the drafter's next most likely paths) verified in one forward.
 Prompts: stories for a model without a chat template, otherwise eight chat questions under the model's template.
 Each prompt alone (batch 1, the sums over the prompts are reported), then all prompts together (left-padded batch).
 Calls alternate between the methods, each keeps its best time of `--rounds` (the machine is shared). Reported:
@@ -120,13 +122,14 @@ def runners(ar, model, batch, args) -> dict:
         )
         return sequences, None, 0
 
-    def spec_run(block_length):
+    def spec_run(block_length, tree_size=None):
         def run():
             out = model.generate(
                 **batch,
                 max_new_tokens=new,
                 speculative=True,
                 block_length=block_length,
+                tree_size=tree_size,
                 steps=args.steps,
                 pad_token_id=0,
                 return_dict_in_generate=True,
@@ -140,6 +143,14 @@ def runners(ar, model, batch, args) -> dict:
     if batch["input_ids"].shape[0] == 1 and args.lookup_tokens:
         table["lookup"] = lookup_run
     table.update({f"spec-W{width}": spec_run(width) for width in args.block_lengths})
+    table.update(
+        {
+            f"spec-W{width}-T{size}": spec_run(width, size)
+            for width in args.block_lengths
+            for size in args.tree_sizes
+            if size >= width
+        }
+    )
     return table
 
 
@@ -199,6 +210,7 @@ def main(argv=None):
     parser.add_argument("--block-size", type=int, default=4, help="attention block size of a new adapter")
     parser.add_argument("--block-lengths", type=int, nargs="+", default=[4, 8], help="draft lengths W")
     parser.add_argument("--steps", type=int, default=1, help="denoising steps per draft")
+    parser.add_argument("--tree-sizes", type=int, nargs="*", default=[], help="also draft trees of these sizes")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -227,14 +239,14 @@ def main(argv=None):
         f"{'stopping at EOS' if args.stop_at_eos else 'EOS ignored'}, torch {torch.__version__}"
     )
     print(
-        f"{'setting':9} {'method':9} {'tokens/s':>9} {'x ar':>6} {'base fwd':>9} {'draft fwd':>10} "
+        f"{'setting':9} {'method':13} {'tokens/s':>9} {'x ar':>6} {'base fwd':>9} {'draft fwd':>10} "
         f"{'tok/base fwd':>13} {'identical':>10}"
     )
     for row in rows:
         base = "-" if row["base_forwards"] is None else f"{row['base_forwards']:d}"
         per = "-" if row["tokens_per_base_forward"] is None else f"{row['tokens_per_base_forward']:.2f}"
         print(
-            f"{row['setting']:9} {row['method']:9} {row['tokens_per_second']:9.1f} {row['ratio_to_ar']:6.2f} "
+            f"{row['setting']:9} {row['method']:13} {row['tokens_per_second']:9.1f} {row['ratio_to_ar']:6.2f} "
             f"{base:>9} {row['drafter_forwards']:10d} {per:>13} {str(row['identical']):>10}"
         )
     if args.json:

@@ -75,6 +75,9 @@ class AttentionLayout:
         unmasked (`bool`, defaults to `False`): the caller guarantees every query may attend to every key of the
             forward; non-sliding layers then run without a mask (the attention modules must be non-causal for sdpa:
             `non_causal`).
+        ancestors (`torch.BoolTensor` of shape `(batch_size, num_nodes, num_nodes)`, *optional*): the `"tree"`
+            pattern: the last `num_nodes` tokens form a token tree, and `ancestors[b, i, j]` says node `j` is node `i`
+            or one of its ancestors.
     """
 
     pattern: str
@@ -84,6 +87,7 @@ class AttentionLayout:
     is_clean: torch.Tensor | None = None
     is_open: torch.Tensor | None = None
     unmasked: bool = False
+    ancestors: torch.Tensor | None = None
 
     def __post_init__(self):
         get_attention_pattern(self.pattern, selectable_only=False).check_layout(self)
@@ -304,6 +308,39 @@ class AnnealedPattern(AttentionPattern):
         num_positions = int(positions.max()) + 1
         is_open = annealed_open_entries(num_positions, annealing_ratio, generator=generator, device=positions.device)
         return AttentionLayout(self.name, positions, doc_ids, is_open=is_open)
+
+
+@register_attention_pattern("tree")
+class TreePattern(AttentionPattern):
+    """Causal over a context, then a token tree (speculative verification of several candidate drafts at once, as in
+    SpecInfer, arXiv:2305.09781, and Medusa, arXiv:2401.10774). Not selectable: it is a decoding-time pattern.
+
+    The last `N` tokens of the key range are tree nodes (`layout.ancestors`, `[B, N, N]`); the tokens before them are
+    the context. A context token sees the context causally (`p_k <= p_q`); a node sees the whole context (padding
+    and uncommitted columns are removed by the padding mask) and its own ancestors, itself included. With each node
+    at position `context length + depth`, every node is computed exactly as the last token of its path would be in
+    a plain causal forward.
+    """
+
+    selectable = False
+
+    def check_layout(self, layout):
+        ancestors = layout.ancestors
+        if ancestors is None or ancestors.dim() != 3 or ancestors.shape[1] != ancestors.shape[2]:
+            raise ValueError("The 'tree' pattern needs `ancestors`, a `[batch, nodes, nodes]` boolean tensor.")
+
+    def rule(self, layout):
+        positions, ancestors = layout.positions, layout.ancestors
+        start = positions.shape[1] - ancestors.shape[1]  # column of the first node
+
+        def allowed(b, q, k):
+            is_node_q, is_node_k = q >= start, k >= start
+            node_q, node_k = (q - start).clamp(min=0), (k - start).clamp(min=0)
+            from_node = ~is_node_k | ancestors[b, node_q, node_k]
+            from_context = ~is_node_k & (positions[b, k] <= positions[b, q])
+            return torch.where(is_node_q, from_node, from_context)
+
+        return allowed
 
 
 def positions_from_inputs(

@@ -465,6 +465,10 @@ class DiffusionLM(PreTrainedModel):
 
         if verifier is not None and not speculative:
             raise ValueError("`verifier` is only used with `speculative=True`; pass both, or neither.")
+        if kwargs.get("tree_size") is not None and not speculative:
+            raise ValueError(
+                "`tree_size` sizes the draft trees of speculative decoding; pass `speculative=True` with it, or drop it."
+            )
         with token_rows_merged(self.model):
             if speculative:  # switches between its own views of the adapter model (`adapter_views.py`)
                 from .speculation import speculative_generate

@@ -83,6 +83,8 @@ from transformers.utils import ModelOutput
 
 from . import _compat, samplers
 from .adapter_views import AdapterViews
+from .attention import AttentionLayout, diffusion_attention
+from .draft_tree import build_draft_tree, greedy_tree_acceptance
 from .generation import (
     DiffusionGenerationConfig,
     _check_left_padding,
@@ -153,6 +155,7 @@ def speculative_generate(
     streamer=None,
     generator: torch.Generator | None = None,
     verifier: PreTrainedModel | None = None,
+    tree_size: int | None = None,
     **kwargs,
 ) -> torch.LongTensor | SpeculativeGenerateOutput:
     r"""Generate with the base causal LM's output, drafting blocks with the diffusion adapter (lossless).
@@ -173,6 +176,10 @@ def speculative_generate(
         verifier (`PreTrainedModel`, *optional*): the causal LM whose output is produced, e.g. the original base of
             a fully finetuned model. Defaults to the adapter's base, with the adapter disabled. Its vocabulary must be
             the drafter's (or the drafter's without an added mask-token row).
+        tree_size (`int`, *optional*): verify a draft tree of this many tokens per row instead of the chain draft
+            alone: the chain plus the drafter's next most likely paths, all scored by one base forward under tree
+            attention (`draft_tree.py`). At least `block_length`; greedy decoding only. The output is unchanged
+            (the base's); a round accepts at least what the chain would.
         kwargs: fields of `DiffusionGenerationConfig`, read as follows. `max_new_tokens` (required);
             `block_length` (`W`, the draft length, defaults to the model's `block_size`, a multiple of it);
             `steps` (denoising steps per draft, defaults to 1, a one-shot draft; at most `block_length`; read from
@@ -208,7 +215,7 @@ def speculative_generate(
     steps = kwargs.get("steps", getattr(generation_config, "steps", None))
     config = _resolve_config(model, generation_config, kwargs)
     verifier_model, verifier_context, drafter_context, vocab_size = _resolve_verifier(model, verifier)
-    settings = _Settings.resolve(model, config, steps, verifier_model, vocab_size, generator)
+    settings = _Settings.resolve(model, config, steps, verifier_model, vocab_size, generator, tree_size)
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("`input_ids` must be a `(batch_size, prompt_length)` LongTensor of prompts.")
     if attention_mask is None:
@@ -317,10 +324,18 @@ class _Settings:
     mask_token_id: int
     block_size: int
     generator: torch.Generator | None
+    tree_size: int | None = None
 
     @classmethod
     def resolve(
-        cls, model, config: DiffusionGenerationConfig, steps: int | None, verifier, vocab_size: int, generator
+        cls,
+        model,
+        config: DiffusionGenerationConfig,
+        steps: int | None,
+        verifier,
+        vocab_size: int,
+        generator,
+        tree_size: int | None = None,
     ) -> _Settings:
         if config.max_new_tokens is None:
             raise ValueError("`max_new_tokens` is required, got None; pass e.g. max_new_tokens=128.")
@@ -352,6 +367,19 @@ class _Settings:
                 f"`threshold` orders greedy drafts; sampled drafts commit left to right, got threshold="
                 f"{config.threshold} with do_sample=True. Drop `threshold`."
             )
+        if tree_size is not None:
+            if isinstance(tree_size, bool) or not isinstance(tree_size, int) or tree_size < block_length:
+                raise ValueError(
+                    f"`tree_size` counts the draft tokens verified per row and round, the chain's block_length "
+                    f"included: it must be an integer >= block_length={block_length}, got tree_size={tree_size!r}; "
+                    f"use e.g. tree_size={4 * block_length}, or None for the chain alone."
+                )
+            if not greedy:
+                raise ValueError(
+                    f"`tree_size` verifies draft trees under greedy decoding only (speculative sampling here keeps the "
+                    f"single-draft acceptance rule), got tree_size={tree_size} with do_sample=True; drop `tree_size` "
+                    "or set do_sample=False."
+                )
         base = verifier.generation_config
         eos = config.eos_token_id if config.eos_token_id is not None else base.eos_token_id
         eos_list = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -374,6 +402,7 @@ class _Settings:
             mask_token_id=model.config.mask_token_id,
             block_size=block_size,
             generator=generator,
+            tree_size=tree_size,
         )
 
 
@@ -458,8 +487,11 @@ class _Speculator:
             if done:
                 break
             drafts, q = self.draft(ends, slots, lowest, end)  # 1.
-            logits = self.verify(ends, slots, drafts, lowest, end)  # 2.
-            self.accept(ends, slots, drafts, q, logits)  # 3.
+            if self.settings.tree_size is None:
+                logits = self.verify(ends, slots, drafts, lowest, end)  # 2.
+                self.accept(ends, slots, drafts, q, logits)  # 3.
+            else:
+                self.verify_tree(ends, slots, drafts, lowest)  # 2. and 3.
             self.crop_base()  # 4.
         if self.streamer is not None:
             self.streamer.end()
@@ -492,6 +524,11 @@ class _Speculator:
         drafts = torch.full((batch_size, width), settings.mask_token_id, dtype=torch.long, device=ends.device)
         is_slot = self.offsets[:-1] < slots[:, None]  # [B, W]
         q = None if settings.greedy else torch.zeros(batch_size, width, vocab, device=ends.device)  # [B, W, V]
+        if settings.tree_size is not None:  # each slot's best candidates, from the step that commits it
+            num_candidates = min(settings.tree_size - width + 1, vocab)
+            self.candidate_ids = torch.zeros(batch_size, width, num_candidates, dtype=torch.long, device=ends.device)
+            self.candidate_logp = torch.zeros(batch_size, width, num_candidates, device=ends.device)
+            self.draft_logp = torch.zeros(batch_size, width, device=ends.device)
         num_tokens = samplers.num_tokens_per_step(slots, settings.steps)  # [B, S]
         attention_mask = self.attention_mask(ends, slots, end)  # [B, end]
         # Whole blocks before the block of each unfinished row's last committed token: what the drafter cache keeps.
@@ -527,6 +564,13 @@ class _Speculator:
                     threshold=settings.threshold,
                     mask_token_id=settings.mask_token_id if settings.mask_token_id < vocab else None,
                 )  # [B, W] each
+                if settings.tree_size is not None:
+                    logp = logits.log_softmax(-1)  # [B, W, V]
+                    best = logp.topk(self.candidate_ids.shape[-1], dim=-1)
+                    self.candidate_ids = torch.where(commit[..., None], best.indices, self.candidate_ids)
+                    self.candidate_logp = torch.where(commit[..., None], best.values, self.candidate_logp)
+                    chosen = logp.gather(-1, tokens.clamp(0, vocab - 1)[..., None])[..., 0]  # [B, W]
+                    self.draft_logp = torch.where(commit, chosen, self.draft_logp)
             else:
                 probs = self.distribution(logits)  # [B, W, V]
                 tokens = torch.multinomial(probs.view(-1, vocab), 1, generator=settings.generator).view_as(drafts)
@@ -569,6 +613,57 @@ class _Speculator:
         logits = outputs.logits.gather(1, index[..., None].expand(-1, -1, outputs.logits.shape[-1]))
         return logits[..., : self.settings.vocab_size].float()  # [B, W + 1, V]
 
+    def verify_tree(self, ends: torch.Tensor, slots: torch.Tensor, drafts: torch.Tensor, lowest: int) -> None:
+        """Steps 2 and 3 with a draft tree (`tree_size`, greedy): one base forward over the uncached committed
+        tokens and every row's tree under the `"tree"` attention pattern, then the base's greedy path through it.
+
+        The nodes' keys and values are dropped afterwards (the cache keeps the committed columns every unfinished row
+        had before the round, `[0, lowest)`); the accepted tokens are fed again with the next round's tree, where
+        extra rows cost little (a forward over a few dozen tokens costs about what one over a few does on CPU).
+        """
+        settings = self.settings
+        tree = build_draft_tree(
+            drafts,
+            slots,
+            self.candidate_ids,
+            self.candidate_logp,
+            self.draft_logp,
+            settings.tree_size,
+            settings.pad_id,
+            excluded_id=settings.mask_token_id,
+        )
+        size = settings.tree_size
+        context_end = int(torch.where(self.finished, lowest, ends).max())  # E: the longest unfinished row's text
+        columns = self.columns[:context_end]  # [E]
+        is_context = self.is_real[:, :context_end] & ((columns < ends[:, None]) | self.finished[:, None])  # [B, E]
+        context_positions = (is_context.long().cumsum(-1) - 1).masked_fill(~is_context, 1)  # [B, E], as HF
+        node_positions = (ends - self.padding)[:, None] + tree.depths  # [B, N]
+        positions = torch.cat([context_positions, node_positions], dim=1)  # [B, E + N]
+        attention_mask = torch.cat([is_context, torch.ones_like(tree.valid)], dim=1).long()  # [B, E + N]
+        layout = AttentionLayout("tree", positions, torch.zeros_like(positions), ancestors=tree.ancestors)
+        start = self.base_length
+        with self.verifier_context(), diffusion_attention(layout):
+            outputs = self.verifier(
+                input_ids=torch.cat([self.tokens[:, start:context_end], tree.tokens], dim=1),
+                attention_mask=attention_mask,
+                position_ids=positions[:, start:],
+                use_cache=True,
+                logits_to_keep=context_end + size - (lowest - 1),
+                **{_compat.CACHE_KWARG: self.base_cache},
+            )
+        self.base_forwards += 1
+        self.crop(self.base_cache, lowest)
+        self.base_length = lowest
+        # Kept rows start at column lowest - 1: each row's last committed token, then the nodes.
+        logits = outputs.logits[..., : settings.vocab_size]  # [B, E + N - lowest + 1, V]
+        root_index = (ends - lowest).clamp(0, context_end - lowest)  # [B]
+        root_target = logits.gather(1, root_index[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0].argmax(-1)
+        node_target = logits[:, context_end - lowest + 1 :].argmax(-1)  # [B, N]
+        path, accepted, next_token = greedy_tree_acceptance(
+            tree, root_target, node_target, settings.block_length, settings.pad_id
+        )
+        self.commit(ends, path, accepted, next_token)
+
     # 3. Accept ----------------------------------------------------------------------------------------------------
 
     def accept(
@@ -607,7 +702,13 @@ class _Speculator:
                 is_rejected, residual / mass.clamp(min=torch.finfo(mass.dtype).tiny), p_next
             )
             next_token = torch.multinomial(next_distribution, 1, generator=settings.generator)  # [B, 1]
+        self.commit(ends, drafts, accepted, next_token)
 
+    def commit(self, ends: torch.Tensor, drafts: torch.Tensor, accepted: torch.Tensor, next_token: torch.Tensor):
+        """Write each row's `accepted` leading draft tokens and the base's `next_token` (`[B, 1]`), cut at
+        `max_new_tokens` and after the first EOS; finish rows, count, stream."""
+        settings = self.settings
+        width = drafts.shape[1]
         # The new tokens: the kept draft, then the base's token; cut at max_new_tokens and after the first EOS.
         drafts_padded = torch.cat([drafts, torch.full_like(drafts[:, :1], settings.pad_id)], dim=1)  # [B, W + 1]
         new = torch.where(self.offsets < accepted[:, None], drafts_padded, next_token)  # [B, W + 1]
@@ -636,7 +737,9 @@ class _Speculator:
         ends = self.prompt_width + self.generated  # [B]
         if bool(self.finished.all()):
             return
-        self.base_length = int(torch.where(self.finished, ends.max(), ends).min()) - 1
+        # (After a tree verification the cache may already be shorter: it kept only the columns before the round.)
+        lowest = int(torch.where(self.finished, ends.max(), ends).min())
+        self.base_length = min(lowest - 1, self.base_cache.get_seq_length())
         self.crop(self.base_cache, self.base_length)
 
     @staticmethod
