@@ -28,6 +28,7 @@ Shapes (`B` rows, `W` slots, `K` candidates per slot, `N` nodes):
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,13 @@ class DraftTree:
     ancestors: torch.Tensor
 
     def to(self, device) -> DraftTree:
-        return DraftTree(self.tokens.to(device), self.parents.to(device), self.depths.to(device),
-                         self.valid.to(device), self.ancestors.to(device))
+        return DraftTree(
+            self.tokens.to(device),
+            self.parents.to(device),
+            self.depths.to(device),
+            self.valid.to(device),
+            self.ancestors.to(device),
+        )
 
 
 def build_draft_tree(
@@ -72,7 +78,7 @@ def build_draft_tree(
         pad_id (`int`): the token of padding nodes.
         excluded_id (`int`, *optional*): a token never proposed (the mask token).
     """
-    batch_size, width, num_candidates = candidate_ids.shape
+    batch_size = candidate_ids.shape[0]
     drafts_list, slots_list = drafts.tolist(), slots.tolist()
     ids_list, logp_list, draft_logp_list = candidate_ids.tolist(), candidate_logp.tolist(), draft_logp.tolist()
     tokens = [[pad_id] * size for _ in range(batch_size)]
@@ -82,49 +88,13 @@ def build_draft_tree(
     ancestors = torch.zeros(batch_size, size, size, dtype=torch.bool)
     ancestors[:, torch.arange(size), torch.arange(size)] = True  # padding nodes see themselves and the context
     for row in range(batch_size):
-        ids, logp, depth_limit = ids_list[row], logp_list[row], slots_list[row]
-        index: dict[tuple, int] = {}  # path of tokens -> node
-        scores: dict[tuple, float] = {(): 0.0}
-        heap: list = []
-        counter = 0
-
-        def add(path: tuple, score: float) -> None:
-            node = len(index)
-            index[path] = node
-            scores[path] = score
-            tokens[row][node], depths[row][node], valid[row][node] = path[-1], len(path) - 1, True
-            parent = index.get(path[:-1], -1)
-            parents[row][node] = parent
+        nodes = _row_nodes(
+            drafts_list[row], draft_logp_list[row], ids_list[row], logp_list[row], slots_list[row], size, excluded_id
+        )
+        for node, (token, parent, depth) in enumerate(nodes):
+            tokens[row][node], parents[row][node], depths[row][node], valid[row][node] = token, parent, depth, True
             if parent >= 0:
                 ancestors[row, node] |= ancestors[row, parent]
-
-        def push_child(path: tuple, rank: int) -> None:
-            """Queue the best candidate child of `path` from `rank` on that is not yet a node."""
-            nonlocal counter
-            slot = len(path)
-            if slot >= depth_limit:
-                return
-            while rank < num_candidates:
-                token = ids[slot][rank]
-                if token != excluded_id and path + (token,) not in index:
-                    heapq.heappush(heap, (-(scores[path] + logp[slot][rank]), counter, path, rank))
-                    counter += 1
-                    return
-                rank += 1
-
-        path, score = (), 0.0
-        for slot in range(min(depth_limit, size)):  # the chain first: a tree never accepts less than the chain
-            path, score = path + (drafts_list[row][slot],), score + draft_logp_list[row][slot]
-            add(path, score)
-        for path in [(), *index]:
-            push_child(path, 0)
-        while heap and len(index) < size:
-            negative_score, _, path, rank = heapq.heappop(heap)
-            child = path + (ids[len(path)][rank],)
-            if child not in index:
-                add(child, -negative_score)
-                push_child(child, 0)
-            push_child(path, rank + 1)
     return DraftTree(
         tokens=torch.tensor(tokens, dtype=torch.long),
         parents=torch.tensor(parents, dtype=torch.long),
@@ -132,6 +102,54 @@ def build_draft_tree(
         valid=torch.tensor(valid, dtype=torch.bool),
         ancestors=ancestors,
     ).to(drafts.device)
+
+
+def _row_nodes(
+    chain: list[int],
+    chain_logp: list[float],
+    ids: list[list[int]],
+    logp: list[list[float]],
+    depth_limit: int,
+    size: int,
+    excluded_id: int | None,
+) -> list[tuple[int, int, int]]:
+    """One row's nodes as `(token, parent, depth)`, parents first: the chain, then best-first candidate paths."""
+    index: dict[tuple, int] = {}  # path of tokens -> node
+    scores: dict[tuple, float] = {(): 0.0}
+    nodes: list[tuple[int, int, int]] = []
+    heap: list = []  # (-score of the child, tie-break counter, parent path, rank of the child's token)
+    counter = itertools.count()
+
+    def add(path: tuple, score: float) -> None:
+        index[path], scores[path] = len(nodes), score
+        nodes.append((path[-1], index.get(path[:-1], -1), len(path) - 1))
+
+    def push_child(path: tuple, rank: int) -> None:
+        """Queue the best candidate child of `path` from `rank` on that is not yet a node."""
+        slot = len(path)
+        if slot >= depth_limit:
+            return
+        for candidate_rank in range(rank, len(ids[slot])):
+            token = ids[slot][candidate_rank]
+            if token != excluded_id and path + (token,) not in index:
+                score = scores[path] + logp[slot][candidate_rank]
+                heapq.heappush(heap, (-score, next(counter), path, candidate_rank))
+                return
+
+    path, score = (), 0.0
+    for slot in range(min(depth_limit, size)):  # the chain first: a tree never accepts less than the chain
+        path, score = path + (chain[slot],), score + chain_logp[slot]
+        add(path, score)
+    for path in [(), *index]:
+        push_child(path, 0)
+    while heap and len(nodes) < size:
+        negative_score, _, path, rank = heapq.heappop(heap)
+        child = path + (ids[len(path)][rank],)
+        if child not in index:
+            add(child, -negative_score)
+            push_child(child, 0)
+        push_child(path, rank + 1)
+    return nodes
 
 
 def greedy_tree_acceptance(

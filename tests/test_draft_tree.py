@@ -19,9 +19,9 @@ from peft_diffusion.speculation import _Speculator
 def candidates(batch, width, num_candidates, seed=0):
     """Random per-slot candidates, best first: distinct token ids per slot, log-probabilities sorted descending."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.stack(
-        [torch.randperm(50, generator=generator)[:num_candidates] for _ in range(batch * width)]
-    ).view(batch, width, num_candidates)
+    ids = torch.stack([torch.randperm(50, generator=generator)[:num_candidates] for _ in range(batch * width)]).view(
+        batch, width, num_candidates
+    )
     logp = -torch.rand(batch, width, num_candidates, generator=generator).mul(4).cumsum(-1)
     return ids, logp
 
