@@ -75,6 +75,14 @@ class LeanLora(torch.nn.Module):
                 (layer.lora_A[name].weight, layer.lora_B[name].weight * layer.scaling[name]) for name in _active(layer)
             ]
 
+    def __getattr__(self, name: str):
+        """The base layer's attributes (`weight`, `in_features`, ...), as PEFT's LoRA layers give them: modeling code
+        reads e.g. `o_proj.weight.dtype` (Hunyuan MoE) or `in_features` (Ergo)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_layer"), name)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for weight_a, weight_b in self.pairs:

@@ -71,6 +71,8 @@ One round (`_Speculator.run`):
 from __future__ import annotations
 
 import contextlib
+import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -215,7 +217,11 @@ def speculative_generate(
     steps = kwargs.get("steps", getattr(generation_config, "steps", None))
     config = _resolve_config(model, generation_config, kwargs)
     verifier_model, verifier_context, drafter_context, vocab_size = _resolve_verifier(model, verifier)
-    settings = _Settings.resolve(model, config, steps, verifier_model, vocab_size, generator, tree_size)
+    explicit = set(kwargs) | (set(generation_config.to_diff_dict()) if generation_config is not None else set())
+    settings = _Settings.resolve(model, config, steps, verifier_model, vocab_size, generator, tree_size, explicit)
+    _check_causal(verifier_model, verifier_context, vocab_size)
+    if settings.tree_size is not None:
+        _check_tree_positions(verifier_model, verifier_context, vocab_size)
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("`input_ids` must be a `(batch_size, prompt_length)` LongTensor of prompts.")
     if attention_mask is None:
@@ -256,12 +262,20 @@ def speculative_generate(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _head_rows(causal_lm) -> int:
+    """The logit columns a causal LM scores: its LM head's rows (a decoder may score another vocabulary than its
+    config's `vocab_size`, e.g. Marian's `decoder_vocab_size`), else the config's `vocab_size`."""
+    head = causal_lm.get_output_embeddings()
+    weight = getattr(getattr(head, "base_layer", head), "weight", None)
+    return int(weight.shape[0]) if weight is not None else causal_lm.config.get_text_config().vocab_size
+
+
 def _resolve_verifier(model, verifier) -> tuple[PreTrainedModel, Callable, Callable, int]:
     """`(verifier, verifier context, drafter context, vocab_size)`: the causal LM to call, the contexts the
     verification and the draft run in (`AdapterViews`: the base alone, lean LoRA layers) and the number of
     vocabulary columns both models score (the base's own, without a mask-token row added for the conversion)."""
     mask_token_id = model.config.mask_token_id
-    drafter_vocab = model.causal_lm.config.get_text_config().vocab_size
+    drafter_vocab = _head_rows(model.causal_lm)
     if model.config.attention != "block":
         raise ValueError(
             f"`speculative=True` needs a model trained with attention='block' (the drafter decodes a block over an "
@@ -295,7 +309,7 @@ def _resolve_verifier(model, verifier) -> tuple[PreTrainedModel, Callable, Calla
         raise ValueError(
             f"`verifier` must be a transformers causal LM (the original base model), got {type(verifier).__name__}."
         )
-    vocab_size = verifier.config.get_text_config().vocab_size
+    vocab_size = _head_rows(verifier)
     if vocab_size != drafter_vocab and not mask_token_id == vocab_size == drafter_vocab - 1:
         raise ValueError(
             f"`verifier` must share the drafter's vocabulary (or lack only the mask-token row added for the "
@@ -336,6 +350,7 @@ class _Settings:
         vocab_size: int,
         generator,
         tree_size: int | None = None,
+        explicit: set[str] = frozenset(),
     ) -> _Settings:
         if config.max_new_tokens is None:
             raise ValueError("`max_new_tokens` is required, got None; pass e.g. max_new_tokens=128.")
@@ -354,12 +369,20 @@ class _Settings:
             )
         if config.output_history:
             raise ValueError("`output_history` is not available with `speculative=True`; drop it.")
+        base = verifier.generation_config
         for name, neutral in _UNSUPPORTED_FIELDS.items():
+            # The call's value (`explicit`: passed, even as the neutral value or None) else the base's own default,
+            # which HF `generate` on the base applies too (e.g. BART-family decoders force EOS at max_length).
             value = getattr(config, name, None)
+            inherited = name not in explicit and value is None and getattr(base, name, None) is not None
+            if inherited:
+                value = getattr(base, name)
             if value is not None and value != neutral:
+                origin = "the verifier's generation config sets " if inherited else ""
                 raise ValueError(
-                    f"`{name}`={value!r} is not supported with `speculative=True` (only temperature, top_k and top_p "
-                    f"shape the sampled distribution, so the output stays the base's); unset it."
+                    f"{origin}`{name}`={value!r}, which is not supported with `speculative=True` (only temperature, "
+                    f"top_k and top_p shape the sampled distribution, so the output stays the base's); pass "
+                    f"{name}={neutral!r} to `generate` to decode without it."
                 )
         greedy = config.is_greedy
         if not greedy and config.threshold is not None:
@@ -380,7 +403,6 @@ class _Settings:
                     f"single-draft acceptance rule), got tree_size={tree_size} with do_sample=True; drop `tree_size` "
                     "or set do_sample=False."
                 )
-        base = verifier.generation_config
         eos = config.eos_token_id if config.eos_token_id is not None else base.eos_token_id
         eos_list = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         device = verifier.device
@@ -403,6 +425,93 @@ class _Settings:
             block_size=block_size,
             generator=generator,
             tree_size=tree_size,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the base model must do (probed once per model: a few forwards of 3-4 tokens)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# verifier -> {probe name: passed}
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _takes_position_ids(verifier) -> bool:
+    """Whether the base's forward takes `position_ids` (HF `generate` passes them only then)."""
+    return "position_ids" in inspect.signature(verifier.forward).parameters
+
+
+def _probe(verifier, name: str, run: Callable[[], bool]) -> bool:
+    results = _PROBED.setdefault(verifier, {})
+    if name not in results:
+        with torch.no_grad():
+            results[name] = run()
+    return results[name]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool((a - b).abs().max() <= 1e-4 * max(1.0, float(b.abs().max())))
+
+
+def _check_causal(verifier, verifier_context: Callable, vocab_size: int) -> None:
+    """Verification scores a whole draft in one forward, so a token's logits must not depend on later tokens. Some
+    encoder families run as a causal LM only with `is_decoder=True`; without it they attend both ways. The probe: two
+    uncached forwards that differ in their last token only."""
+
+    def run() -> bool:
+        tokens = torch.arange(1, 5, device=verifier.device)[None] % vocab_size  # [1, 4]
+        other = tokens.clone()
+        other[0, -1] = (tokens[0, -1] + 1) % vocab_size
+        with verifier_context():
+            first, second = (verifier(input_ids=ids, use_cache=False).logits[0, :-1] for ids in (tokens, other))
+        return _close(first, second)
+
+    if not _probe(verifier, "causal", run):
+        raise ValueError(
+            f"`speculative=True` needs a causal base model, but {type(verifier).__name__} attends both ways (its "
+            "logits depend on later tokens); load it as a decoder (e.g. `is_decoder=True` for BERT-family models) or "
+            "decode without `speculative`."
+        )
+
+
+def _check_tree_positions(verifier, verifier_context: Callable, vocab_size: int) -> None:
+    """Draft-tree nodes of one depth share a position (`committed length + depth`) and must not see each other, so
+    the base must take its positions from `position_ids` and its mask from the pattern. Some decoders number tokens
+    by their order in the input and the cache instead (the BART family's learned positions, ALiBi built from the
+    attention mask, ...): a tree would be verified at wrong positions there, so `tree_size` is refused. The probe is
+    one tree verification in miniature: a cached context token, then a context token and two sibling nodes; the second
+    node's logits must match a plain causal forward over the context and that node alone."""
+
+    def run() -> bool:
+        device = verifier.device
+        tokens = torch.arange(1, 5, device=device)[None] % vocab_size  # [1, 4]: two context tokens, two siblings
+        positions = torch.tensor([[0, 1, 2, 2]], device=device)
+        ancestors = torch.eye(2, dtype=torch.bool, device=device)[None]
+        layout = AttentionLayout("tree", positions, torch.zeros_like(positions), ancestors=ancestors)
+
+        def position_kwargs(columns: slice) -> dict:
+            return {"position_ids": positions[:, columns]} if _takes_position_ids(verifier) else {}
+
+        cache = DynamicCache()
+        with verifier_context():
+            verifier(input_ids=tokens[:, :1], **position_kwargs(slice(0, 1)), **{_compat.CACHE_KWARG: cache})
+            with diffusion_attention(layout):
+                tree_logits = verifier(
+                    input_ids=tokens[:, 1:],
+                    attention_mask=torch.ones_like(tokens),
+                    **position_kwargs(slice(1, 4)),
+                    **{_compat.CACHE_KWARG: cache},
+                ).logits[0, -1]
+            path = tokens[:, [0, 1, 3]]
+            path_logits = verifier(input_ids=path, **position_kwargs(slice(0, 3)), use_cache=False).logits[0, -1]
+        return _close(tree_logits, path_logits)
+
+    if not _probe(verifier, "tree", run):
+        raise ValueError(
+            f"`tree_size` needs a base model that takes positions from `position_ids` and its mask from the attention "
+            f"pattern (tree nodes of one depth share a position and do not see each other), but "
+            f"{type(verifier).__name__} numbers tokens by their order (a probe tree forward differs from the causal "
+            "one); drop `tree_size` to verify the chain draft alone."
         )
 
 
@@ -588,6 +697,11 @@ class _Speculator:
         flat = self.settings.warpers(flat.new_empty(flat.shape[0], 0, dtype=torch.long), flat)
         return flat.softmax(-1).view(shape)
 
+    def position_kwargs(self, position_ids: torch.Tensor) -> dict:
+        """`position_ids` for the base where its forward takes them, as HF `generate` does (Whisper's decoder does
+        not: it numbers tokens by their column, as in `generate`)."""
+        return {"position_ids": position_ids} if _takes_position_ids(self.verifier) else {}
+
     # 2. Verify ----------------------------------------------------------------------------------------------------
 
     def verify(
@@ -602,15 +716,16 @@ class _Speculator:
             outputs = self.verifier(
                 input_ids=self.canvas(drafts, ends, slots, end)[:, start:],
                 attention_mask=attention_mask,
-                position_ids=position_ids[:, start:],
+                **self.position_kwargs(position_ids[:, start:]),
                 use_cache=True,
                 logits_to_keep=end - lowest + 1,
                 **{_compat.CACHE_KWARG: self.base_cache},
             )
         self.base_forwards += 1
+        kept = outputs.logits[:, -(end - lowest + 1) :]  # some decoders (TrOCR, Whisper) ignore `logits_to_keep`
         # Kept rows start at column lowest - 1; row b's predictions read columns ends_b - 1 .. ends_b + W - 1.
         index = (ends[:, None] - lowest + self.offsets).clamp(0, end - lowest)  # [B, W + 1]
-        logits = outputs.logits.gather(1, index[..., None].expand(-1, -1, outputs.logits.shape[-1]))
+        logits = kept.gather(1, index[..., None].expand(-1, -1, kept.shape[-1]))
         return logits[..., : self.settings.vocab_size].float()  # [B, W + 1, V]
 
     def verify_tree(self, ends: torch.Tensor, slots: torch.Tensor, drafts: torch.Tensor, lowest: int) -> None:
@@ -646,7 +761,7 @@ class _Speculator:
             outputs = self.verifier(
                 input_ids=torch.cat([self.tokens[:, start:context_end], tree.tokens], dim=1),
                 attention_mask=attention_mask,
-                position_ids=positions[:, start:],
+                **self.position_kwargs(positions[:, start:]),
                 use_cache=True,
                 logits_to_keep=context_end + size - (lowest - 1),
                 **{_compat.CACHE_KWARG: self.base_cache},
@@ -655,7 +770,9 @@ class _Speculator:
         self.crop(self.base_cache, lowest)
         self.base_length = lowest
         # Kept rows start at column lowest - 1: each row's last committed token, then the nodes.
-        logits = outputs.logits[..., : settings.vocab_size]  # [B, E + N - lowest + 1, V]
+        logits = outputs.logits[
+            :, -(context_end + size - (lowest - 1)) :, : settings.vocab_size
+        ]  # [B, E+N-lowest+1, V]
         root_index = (ends - lowest).clamp(0, context_end - lowest)  # [B]
         root_target = logits.gather(1, root_index[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0].argmax(-1)
         node_target = logits[:, context_end - lowest + 1 :].argmax(-1)  # [B, N]
