@@ -515,6 +515,12 @@ FAULTS = {
         (["generate", "--model", "{converted}"], 1, "--prompt"),
         (["generate", "--model", "{converted}", "--prompt", "x", "--block_length", "3"], 1, "block_length"),
         (["generate", "--model", "{converted}", "--prompt", "x", "--sampler", "best"], 1, "sampler"),
+        (["generate", "--model", "{converted}", "--prompt", "x", "--tree_size", "8"], 1, "add --speculative true"),
+        (
+            ["generate", "--model", "{converted}", "--prompt", "x", "--speculative", "true", "--tree_size", "1"],
+            1,
+            "tree_size",
+        ),
         (["generate", "--model", "{other_base}", "--prompt", "x"], 1, "--allow_base_mismatch"),
         (["generate", "--model", "{truncated}", "--prompt", "x"], 1, "adapter_model.safetensors is truncated"),
         (["generate", "--model", "{no_weights}", "--prompt", "x"], 1, "has no adapter weights"),
@@ -836,8 +842,10 @@ def test_convert_and_generate_on_stories260k(stories_path, tmp_path, capsys):
     assert out.splitlines()[0] == "Once upon a time" and len(out.splitlines()) >= 2
 
 
-def test_generate_speculative_prints_the_base_models_greedy_text(converted_dir, capsys):
-    """`--speculative`: the text is exactly the base's greedy HF generate (the adapter only drafts)."""
+@pytest.mark.parametrize("tree", [[], ["--tree_size", 8]])
+def test_generate_speculative_prints_the_base_models_greedy_text(converted_dir, capsys, tree):
+    """`--speculative` (and with a draft tree): the text is exactly the base's greedy HF generate (the adapter only
+    drafts)."""
     code, out, err = run(
         [
             "generate",
@@ -849,6 +857,7 @@ def test_generate_speculative_prints_the_base_models_greedy_text(converted_dir, 
             8,
             "--speculative",
             "true",
+            *tree,
         ],
         capsys,
     )

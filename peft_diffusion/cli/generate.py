@@ -50,6 +50,13 @@ class GenerateArguments:
             "it, and the text is exactly the base's; --steps is then per draft (default 1)."
         },
     )
+    tree_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --speculative and greedy decoding: verify a draft tree of this many tokens per round (the "
+            "chain draft, then the drafter's next most likely paths), e.g. 16 for block 4."
+        },
+    )
 
 
 def load_converted(path: str, dtype=None, allow_base_mismatch: bool = False):
@@ -130,6 +137,8 @@ def generate(argv: list[str]) -> int:
         input_ids = chat_input_ids(tokenizer, args.chat)
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if args.tree_size is not None and not args.speculative:
+        raise CommandError("--tree_size sizes the draft trees of speculative decoding; add --speculative true.")
     if args.speculative and args.trajectory is not None:
         raise CommandError("--trajectory shows the denoising of plain decoding; drop it or --speculative.")
     live = args.live and sys.stdout.isatty() and not args.speculative
@@ -144,6 +153,8 @@ def generate(argv: list[str]) -> int:
     )
     if args.speculative:
         settings["speculative"] = True
+        if args.tree_size is not None:
+            settings["tree_size"] = args.tree_size
         if args.temperature > 0:
             settings["threshold"] = None  # sampled drafts commit left to right (speculation.py)
     else:
