@@ -4,7 +4,8 @@ For each prompt length P (the cache) and block length W:
   - `ar step`: the causal LM, one token over a KV cache of P tokens (what HF `generate` does per token);
   - `block fwd`: `DiffusionLM.forward` on a W-token block over a cache of P tokens (a denoising step of the cached
     decoding loop: unmasked under block attention, logits for the W positions);
-  - `block fwd masked`: the same forced through the dense-mask path (what the unmasked fast path saves).
+  - `block fwd masked`: the same forced through the dense-mask path (what the unmasked fast path saves);
+  - `block fwd, F.linear head`: the same with the LM head as `F.linear` (what `head_rows_first` saves on CPU).
 Rounds alternate and each keeps its best time. A block forward must not pay for the prompt (its time stays flat in
 P) nor for dense L x L masks; the target (issue 7) is <= 1.10x one AR step on a GPU, <= 1.5x on CPU.
 
@@ -19,6 +20,7 @@ into one forward costs on the device (e.g. a draft and a verification in one for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -27,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.cache_utils import DynamicCache
 
 from peft_diffusion import DiffusionConfig, get_diffusion_model
+from peft_diffusion import model as model_module
 from peft_diffusion.model import DiffusionLM
 
 
@@ -109,7 +112,20 @@ def main():
                     finally:
                         DiffusionLM._allows_every_pair = original
 
-                runs = {"ar step": ar_step, "block fwd": block_forward, "block fwd masked": block_forward_masked}
+                def block_forward_linear_head(block_forward=block_forward):
+                    original = model_module.head_rows_first
+                    model_module.head_rows_first = lambda *args: contextlib.nullcontext()
+                    try:
+                        block_forward()
+                    finally:
+                        model_module.head_rows_first = original
+
+                runs = {
+                    "ar step": ar_step,
+                    "block fwd": block_forward,
+                    "block fwd masked": block_forward_masked,
+                    "block fwd linear head": block_forward_linear_head,
+                }
                 best = {name: float("inf") for name in runs}
                 for run in runs.values():
                     run()
@@ -127,6 +143,7 @@ def main():
                         ar_step_ms=best["ar step"] * 1e3,
                         block_ms=best["block fwd"] * 1e3,
                         block_masked_ms=best["block fwd masked"] * 1e3,
+                        block_linear_head_ms=best["block fwd linear head"] * 1e3,
                         ratio=best["block fwd"] / best["ar step"],
                     )
                 )
@@ -164,11 +181,14 @@ def main():
         f"model={args.model or args.config or 'SmolLM2-135M shape (random)'} batch={args.batch_size} "
         f"device={args.device} dtype={args.dtype} attn={args.attn} threads={args.threads}; best of {args.rounds}"
     )
-    print(f"{'P':>5} {'W':>4} {'AR step ms':>11} {'block ms':>9} {'masked ms':>10} {'block/AR':>9}")
+    print(
+        f"{'P':>5} {'W':>4} {'AR step ms':>11} {'block ms':>9} {'masked ms':>10} {'F.linear head ms':>17} "
+        f"{'block/AR':>9}"
+    )
     for row in rows:
         print(
             f"{row['prompt_length']:5d} {row['block']:4d} {row['ar_step_ms']:11.1f} {row['block_ms']:9.1f} "
-            f"{row['block_masked_ms']:10.1f} {row['ratio']:9.2f}"
+            f"{row['block_masked_ms']:10.1f} {row['block_linear_head_ms']:17.1f} {row['ratio']:9.2f}"
         )
     if curve:
         print(f"causal forward over M tokens, a {args.prompt_lengths[0]}-token cache:")

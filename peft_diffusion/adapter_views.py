@@ -34,6 +34,7 @@ tokens) nor a scored logit column, so the base's output is the same with them, a
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -161,3 +162,42 @@ def lean_inference(model: torch.nn.Module):
         return
     with AdapterViews(peft_model).adapter():
         yield
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The LM head over a few rows on CPU
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _head_rows_first(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` computed as `(weight @ x^T)^T`: for a vocabulary-sized `weight` and 2-64 rows of
+    `x`, 2-3x faster on the CPU BLAS of this project (`docs/benchmarks.md`, block forward), equal up to rounding."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = (weight @ rows.T).T
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@contextlib.contextmanager
+def head_rows_first(causal_lm: torch.nn.Module, rows: int):
+    """For the duration, the LM head of `causal_lm` computes its product weight-first (`_head_rows_first`) when it is a
+    plain `nn.Linear` on CPU (under a PEFT wrapper: its base layer), inference only, and the forward scores between 2
+    and 64 rows. A no-op otherwise (GPU, quantized or adapted heads, training, one row)."""
+    head = causal_lm.get_output_embeddings()
+    while hasattr(head, "base_layer"):
+        head = head.base_layer
+    if (
+        torch.is_grad_enabled()
+        or type(head) is not torch.nn.Linear
+        or head.weight.device.type != "cpu"
+        or not 2 <= rows <= 64
+        or "forward" in vars(head)
+    ):
+        yield
+        return
+    head.forward = functools.partial(lambda module, x: _head_rows_first(module.weight, module.bias, x), head)
+    try:
+        yield
+    finally:
+        del head.forward

@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from . import _compat
+from .adapter_views import head_rows_first
 from .architectures import check_architecture
 from .attention import (
     AttentionLayout,
@@ -357,7 +358,15 @@ class DiffusionLM(PreTrainedModel):
             kwargs["logits_to_keep"] = head_rows
 
         # 3. the causal LM under the diffusion pattern (unmasked: no mask, non-causal kernels)
-        with diffusion_attention(layout), non_causal(self._attention_modules() if unmasked else ()):
+        keep_arg = kwargs.get("logits_to_keep")  # rows of the LM head: an index tensor, a count, or every row (0/None)
+        head_rows_per_sequence = (
+            keep_arg.numel() if torch.is_tensor(keep_arg) else keep_arg or (length * (2 if two_stream else 1))
+        )
+        with (
+            diffusion_attention(layout),
+            non_causal(self._attention_modules() if unmasked else ()),
+            head_rows_first(self.causal_lm, batch_size * head_rows_per_sequence),
+        ):
             outputs = self.model(
                 input_ids=input_ids,
                 inputs_embeds=inputs_embeds if input_ids is None else None,

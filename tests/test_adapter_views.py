@@ -138,3 +138,53 @@ def test_lean_inference_is_a_no_op_with_gradients():
     with torch.no_grad(), adapter_views.lean_inference(model):
         assert not any(isinstance(module, LoraLinear) for module in model.modules())
     assert any(isinstance(module, LoraLinear) for module in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The LM head over a few rows on CPU
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_head_rows_first_equals_the_linear_head_and_is_removed_afterwards():
+    base = tiny_causal_lm("llama")
+    head = base.get_output_embeddings()
+    hidden = torch.randn(2, 3, head.in_features)
+    expected = torch.nn.functional.linear(hidden, head.weight, head.bias)
+    calls = []
+    original = adapter_views._head_rows_first
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(adapter_views, "_head_rows_first", counted)
+        with adapter_views.head_rows_first(base, rows=6):
+            got = head(hidden)
+        assert "forward" not in vars(head)
+        with adapter_views.head_rows_first(base, rows=1):  # one row: F.linear's own path is the fast one
+            head(hidden)
+        with pytest.raises(RuntimeError), adapter_views.head_rows_first(base, rows=6):
+            raise RuntimeError("inside")
+        assert "forward" not in vars(head)
+    assert calls == [1]
+    torch.testing.assert_close(got, expected)
+    with adapter_views.head_rows_first(base, rows=6):  # gradients on: training keeps the module's own forward
+        assert "forward" not in vars(head)
+
+
+def test_the_diffusion_forward_uses_the_weight_first_head_on_cpu_inference_only(monkeypatch):
+    model = get_diffusion_model(
+        tiny_causal_lm("llama"), DiffusionConfig(attention="block", block_size=2, mask_token_id=MASK_ID)
+    ).eval()
+    input_ids = torch.tensor([[1, 5, 6, 7]])
+    reference = model(input_ids=input_ids).logits.detach()  # gradients on: the head's own F.linear
+    calls = []
+    original = adapter_views._head_rows_first
+    monkeypatch.setattr(adapter_views, "_head_rows_first", lambda *args: calls.append(1) or original(*args))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    assert calls == [1]
+    torch.testing.assert_close(logits, reference)
+    model(input_ids=input_ids).logits.sum().backward()  # training: not used
+    assert calls == [1]
