@@ -84,7 +84,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from transformers.utils import ModelOutput
 
 from . import _compat, samplers
-from .adapter_views import AdapterViews
+from .adapter_views import AdapterViews, head_rows_first
 from .attention import AttentionLayout, diffusion_attention
 from .draft_tree import build_draft_tree, greedy_tree_acceptance
 from .generation import (
@@ -712,7 +712,8 @@ class _Speculator:
         attention_mask = self.attention_mask(ends, slots, end)  # [B, end]
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # [B, end], as HF
         start = self.base_length
-        with self.verifier_context():
+        rows = (end - lowest + 1) * len(ends)
+        with self.verifier_context(), head_rows_first(self.verifier, rows):
             outputs = self.verifier(
                 input_ids=self.canvas(drafts, ends, slots, end)[:, start:],
                 attention_mask=attention_mask,
@@ -757,7 +758,8 @@ class _Speculator:
         attention_mask = torch.cat([is_context, torch.ones_like(tree.valid)], dim=1).long()  # [B, E + N]
         layout = AttentionLayout("tree", positions, torch.zeros_like(positions), ancestors=tree.ancestors)
         start = self.base_length
-        with self.verifier_context(), diffusion_attention(layout):
+        rows = (context_end + size - (lowest - 1)) * len(ends)
+        with self.verifier_context(), diffusion_attention(layout), head_rows_first(self.verifier, rows):
             outputs = self.verifier(
                 input_ids=torch.cat([self.tokens[:, start:context_end], tree.tokens], dim=1),
                 attention_mask=attention_mask,

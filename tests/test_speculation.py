@@ -563,3 +563,22 @@ def test_bad_input_model_and_call(lora_model):
             max_new_tokens=4,
             speculative=True,
         )
+
+
+def test_verifications_use_the_weight_first_head_and_stay_exact(monkeypatch):
+    """The verifier's LM head over the draft's rows runs weight-first on CPU (`adapter_views.head_rows_first`); the
+    text is still the base's HF greedy text."""
+    from peft_diffusion import adapter_views
+
+    reference, model = base_and_model("llama")
+    calls = []
+    original = adapter_views._head_rows_first
+    monkeypatch.setattr(
+        adapter_views, "_head_rows_first", lambda *args: calls.append(args[-1].shape) or original(*args)
+    )
+    expected = reference.generate(**inputs(4), max_new_tokens=12, do_sample=False)
+    out = model.generate(
+        **inputs(4), max_new_tokens=12, speculative=True, block_length=4, return_dict_in_generate=True
+    )
+    assert torch.equal(out.sequences, expected)
+    assert len(calls) >= out.base_forwards + out.drafter_forwards  # every draft and every verification
