@@ -313,6 +313,21 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 SUGGESTED = "llama, qwen2/qwen3, mistral, gemma 1-3, phi3, gpt2, olmo2, granite (see VERIFIED_ARCHITECTURES)"
 
 
+def linear_layers_lora_cannot_wrap(model) -> list[str]:
+    """Names of the modules that are `nn.Linear` to PEFT's `target_modules="all-linear"` but not linear layers: a
+    modeling file's own `nn.Linear` subclass with its own `forward` (e.g. Phi-MoE's router, `PhimoeTopKRouter`, returns
+    a tuple of routing weights and experts; a LoRA layer around it fails on its first forward)."""
+    import torch
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and type(module).__module__.startswith("transformers.models.")
+        and type(module).forward is not torch.nn.Linear.forward
+    ]
+
+
 def check_architecture(config) -> None:
     """Raise `ValueError` when `config` describes a model type that cannot become a diffusion LM.
 

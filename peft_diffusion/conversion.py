@@ -17,7 +17,7 @@ from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import _compat
-from .architectures import check_architecture, is_verified
+from .architectures import check_architecture, is_verified, linear_layers_lora_cannot_wrap
 from .config import DEFAULT_MASK_TOKEN, DiffusionConfig
 from .model import DiffusionLM, _check_attention_backend
 from .probe import probe_architecture
@@ -123,6 +123,7 @@ def get_diffusion_model(
         if isinstance(peft_config, LoraConfig) and peft_config.trainable_token_indices is None:
             # The mask token's embedding is new (or an untrained reserved row): train and save just that row.
             peft_config.trainable_token_indices = [mask_token_id]
+        _exclude_non_linear_layers(model, peft_config)
         model = get_peft_model(model, peft_config)
         # adapter_config.json names the same base as diffusion_config.json (a path the user gave, a Hub id, or the
         # default checkpoint's stable name: never a path the caller did not choose)
@@ -143,6 +144,26 @@ def token_row_layers(model: torch.nn.Module) -> list[TrainableTokensLayer]:
     """PEFT's trainable-token layers of `model` (the mask token's row under LoRA: `get_diffusion_model` step 4), the
     embedding's and a tied LM head's."""
     return [module for module in model.modules() if isinstance(module, TrainableTokensLayer)]
+
+
+def _exclude_non_linear_layers(model: PreTrainedModel, peft_config: PeftConfig) -> None:
+    """Under LoRA's `target_modules="all-linear"`, leave out what only looks linear to PEFT
+    (`architectures.linear_layers_lora_cannot_wrap`: e.g. an MoE router subclassing `nn.Linear` that returns a tuple),
+    through PEFT's own `exclude_modules`."""
+    target = getattr(peft_config, "target_modules", None)
+    if not isinstance(peft_config, LoraConfig) or not isinstance(target, str) or target.lower() != "all-linear":
+        return
+    names = linear_layers_lora_cannot_wrap(model)
+    if not names:
+        return
+    excluded = peft_config.exclude_modules
+    if isinstance(excluded, str):
+        raise ValueError(
+            f"target_modules='all-linear' on {type(model).__name__} leaves out {len(names)} layers that are not linear "
+            f"(e.g. {names[0]!r}), which needs `exclude_modules` as a list of names; got the regex {excluded!r}."
+        )
+    peft_config.exclude_modules = sorted(set(excluded or ()) | set(names))
+    logger.info("LoRA leaves out %d nn.Linear subclasses that are not linear layers (e.g. %s)", len(names), names[0])
 
 
 @contextlib.contextmanager

@@ -463,3 +463,30 @@ def test_token_rows_merged_inference_is_exact_and_leaves_the_weights_as_they_wer
     assert all(torch.equal(after[name], tensor) for name, tensor in weights.items())
     with token_rows_merged(model):  # gradients on: a no-op
         assert not any(layer.merged for layer in layers)
+
+
+def test_all_linear_lora_leaves_out_linear_subclasses_that_are_not_linear():
+    """Phi-MoE's router subclasses nn.Linear and returns a tuple: under target_modules="all-linear" it is excluded
+    (a LoRA layer around it failed on the first forward), every real linear layer is still adapted."""
+    from peft.tuners.lora import LoraLayer
+
+    base = tiny_causal_lm("phimoe")
+    routers = [name for name, module in base.named_modules() if type(module).__name__ == "PhimoeTopKRouter"]
+    assert routers
+    model = get_diffusion_model(
+        base,
+        DiffusionConfig(attention="block", block_size=2, mask_token_id=MASK_ID),
+        peft_config=LoraConfig(r=4, target_modules="all-linear", exclude_modules=["q_proj"]),
+    )
+    adapted = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    assert not any(name.endswith(router) for name in adapted for router in routers)
+    assert not any(name.endswith("q_proj") for name in adapted)  # the user's own exclusions are kept
+    assert any(name.endswith("k_proj") for name in adapted) and any(name.endswith("o_proj") for name in adapted)
+    logits = model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
+    assert logits.shape[:2] == (1, 4) and bool(torch.isfinite(logits).all())
+    with pytest.raises(ValueError, match="exclude_modules` as a list of names"):
+        get_diffusion_model(
+            tiny_causal_lm("phimoe"),
+            DiffusionConfig(attention="block", block_size=2, mask_token_id=MASK_ID),
+            peft_config=LoraConfig(r=4, target_modules="all-linear", exclude_modules=".*q_proj"),
+        )

@@ -64,7 +64,6 @@ def test_greedy_equals_base_generate(arch, block_length, batch):
 # Verified architectures the test cannot run speculation on, with the reason (not a limit of the speculation).
 SPECULATION_TEST_SKIPS = {
     "hrm_text": "HF generate itself fails on the tiny config (its cache has fewer layers than the model calls)",
-    "phimoe": "PEFT's target_modules='all-linear' wraps PhimoeTopKRouter, an nn.Linear whose forward returns a tuple",
 }
 
 
