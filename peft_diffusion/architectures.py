@@ -314,18 +314,26 @@ SUGGESTED = "llama, qwen2/qwen3, mistral, gemma 1-3, phi3, gpt2, olmo2, granite 
 
 
 def linear_layers_lora_cannot_wrap(model) -> list[str]:
-    """Names of the modules that are `nn.Linear` to PEFT's `target_modules="all-linear"` but not linear layers: a
-    modeling file's own `nn.Linear` subclass with its own `forward` (e.g. Phi-MoE's router, `PhimoeTopKRouter`, returns
-    a tuple of routing weights and experts; a LoRA layer around it fails on its first forward)."""
+    """Names of the modules that are `nn.Linear` to PEFT's `target_modules="all-linear"` but whose output is not a
+    tensor: a modeling file's own `nn.Linear` subclass with its own `forward` is called once on one zero row (e.g.
+    Phi-MoE's router, `PhimoeTopKRouter`, returns a tuple of logits, routing weights and experts; a LoRA layer around
+    it fails on its first forward). Subclasses that return a tensor (Falcon's `FalconLinear`) stay targets."""
     import torch
 
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and type(module).__module__.startswith("transformers.models.")
-        and type(module).forward is not torch.nn.Linear.forward
-    ]
+    names = []
+    for name, module in model.named_modules():
+        if (
+            not isinstance(module, torch.nn.Linear)
+            or not type(module).__module__.startswith("transformers.models.")
+            or type(module).forward is torch.nn.Linear.forward
+            or module.weight.device.type == "meta"
+        ):
+            continue
+        with torch.no_grad():
+            output = module(torch.zeros(1, module.in_features, dtype=module.weight.dtype, device=module.weight.device))
+        if not isinstance(output, torch.Tensor):
+            names.append(name)
+    return names
 
 
 def check_architecture(config) -> None:
