@@ -182,11 +182,15 @@ def _head_rows_first(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.T
 @contextlib.contextmanager
 def head_rows_first(causal_lm: torch.nn.Module, rows: int):
     """For the duration, the LM head of `causal_lm` computes its product weight-first (`_head_rows_first`) when it is a
-    plain `nn.Linear` on CPU (under a PEFT wrapper: its base layer), inference only, and the forward scores between 2
-    and 64 rows. A no-op otherwise (GPU, quantized or adapted heads, training, one row)."""
+    plain `nn.Linear` on CPU (under PEFT's wrappers, e.g. the mask row's trainable tokens: their base layer, which a
+    merged token layer calls), inference only, and the forward scores between 2 and 64 rows. A no-op otherwise (GPU,
+    quantized heads, training, one row)."""
     head = causal_lm.get_output_embeddings()
-    while hasattr(head, "base_layer"):
-        head = head.base_layer
+    while isinstance(head, (AuxiliaryTrainingWrapper, BaseTunerLayer)):  # PEFT's wrappers around the head
+        inner = getattr(head, "token_adapter", None) or getattr(head, "get_base_layer", lambda: None)()
+        if inner is None or inner is head:
+            break
+        head = inner
     if (
         torch.is_grad_enabled()
         or type(head) is not torch.nn.Linear
