@@ -188,3 +188,28 @@ def test_the_diffusion_forward_uses_the_weight_first_head_on_cpu_inference_only(
     torch.testing.assert_close(logits, reference)
     model(input_ids=input_ids).logits.sum().backward()  # training: not used
     assert calls == [1]
+
+
+def test_head_rows_first_reaches_a_head_under_trainable_tokens():
+    """A tied head with the mask row trained (PEFT's TrainableTokensWrapper around it): with the rows merged, as
+    inference runs, the wrapper calls its base layer, and that is where the weight-first product goes."""
+    from peft.utils import AuxiliaryTrainingWrapper
+
+    from peft_diffusion.conversion import token_rows_merged
+
+    base = tiny_causal_lm("llama", tie_word_embeddings=True)
+    model = get_diffusion_model(
+        base,
+        DiffusionConfig(attention="block", block_size=2, mask_token_id=MASK_ID),
+        peft_config=LoraConfig(r=4, target_modules="all-linear", trainable_token_indices=[MASK_ID]),
+    ).eval()
+    assert isinstance(model.causal_lm.get_output_embeddings(), AuxiliaryTrainingWrapper)
+    input_ids = torch.tensor([[1, 5, 6, MASK_ID]])
+    reference = model(input_ids=input_ids).logits.detach()  # gradients on: PEFT's own path
+    calls = []
+    original = adapter_views._head_rows_first
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad(), token_rows_merged(model.model):
+        patch.setattr(adapter_views, "_head_rows_first", lambda *args: calls.append(1) or original(*args))
+        logits = model(input_ids=input_ids).logits
+    assert calls == [1]
+    torch.testing.assert_close(logits, reference)
