@@ -118,13 +118,17 @@ def test_refusals_of_the_base_are_probed():
     convert(tiny_causal_lm("llama")).generate(**inputs(1), max_new_tokens=2, speculative=True, tree_size=4)
 
 
+@pytest.mark.parametrize("tree_size", [None, 12])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("backend", ["sdpa"])
-def test_greedy_equals_base_generate_sdpa(backend):
-    base = tiny_causal_lm("llama", backend)
+def test_greedy_equals_base_generate_sdpa(backend, arch, tree_size):
+    """The chain and the tree (whose pattern reaches sdpa as a dense mask) under sdpa, batch 4 with left padding."""
+    base = tiny_causal_lm(arch, backend)
     reference = copy.deepcopy(base)
     model = convert(base)
     expected = reference.generate(**inputs(4), max_new_tokens=12, do_sample=False)
-    assert torch.equal(model.generate(**inputs(4), max_new_tokens=12, speculative=True, block_length=4), expected)
+    out = model.generate(**inputs(4), max_new_tokens=12, speculative=True, block_length=4, tree_size=tree_size)
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize(
