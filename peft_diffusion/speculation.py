@@ -71,8 +71,6 @@ One round (`_Speculator.run`):
 from __future__ import annotations
 
 import contextlib
-import inspect
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -96,6 +94,7 @@ from .generation import (
     _resolve_config,
 )
 from .samplers import get_sampler
+from .verifier_checks import check_causal, check_tree_positions, takes_position_ids
 
 __all__ = ["SpeculativeGenerateOutput", "speculative_generate"]
 
@@ -219,9 +218,9 @@ def speculative_generate(
     verifier_model, verifier_context, drafter_context, vocab_size = _resolve_verifier(model, verifier)
     explicit = set(kwargs) | (set(generation_config.to_diff_dict()) if generation_config is not None else set())
     settings = _Settings.resolve(model, config, steps, verifier_model, vocab_size, generator, tree_size, explicit)
-    _check_causal(verifier_model, verifier_context, vocab_size)
+    check_causal(verifier_model, verifier_context, vocab_size)
     if settings.tree_size is not None:
-        _check_tree_positions(verifier_model, verifier_context, vocab_size)
+        check_tree_positions(verifier_model, verifier_context, vocab_size)
     if input_ids is None or input_ids.dim() != 2:
         raise ValueError("`input_ids` must be a `(batch_size, prompt_length)` LongTensor of prompts.")
     if attention_mask is None:
@@ -428,96 +427,6 @@ class _Settings:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# What the base model must do (probed once per model: a few forwards of 3-4 tokens)
-# ----------------------------------------------------------------------------------------------------------------------
-
-# verifier -> {probe name: passed}
-_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _takes_position_ids(verifier) -> bool:
-    """Whether the base's forward takes `position_ids` (HF `generate` passes them only then)."""
-    return "position_ids" in inspect.signature(verifier.forward).parameters
-
-
-def _probe(verifier, name: str, run: Callable[[], bool]) -> bool:
-    results = _PROBED.setdefault(verifier, {})
-    if name not in results:
-        with torch.no_grad():
-            results[name] = run()
-    return results[name]
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to the rounding of two differently shaped forwards in the logits' dtype (1e-4 relative in float32,
-    16 ulps in half precision)."""
-    relative = max(1e-4, 16 * torch.finfo(a.dtype).eps)
-    return bool((a.float() - b.float()).abs().max() <= relative * max(1.0, float(b.abs().max())))
-
-
-def _check_causal(verifier, verifier_context: Callable, vocab_size: int) -> None:
-    """Verification scores a whole draft in one forward, so a token's logits must not depend on later tokens. Some
-    encoder families run as a causal LM only with `is_decoder=True`; without it they attend both ways. The probe: two
-    uncached forwards that differ in their last token only."""
-
-    def run() -> bool:
-        tokens = torch.arange(1, 5, device=verifier.device)[None] % vocab_size  # [1, 4]
-        other = tokens.clone()
-        other[0, -1] = (tokens[0, -1] + 1) % vocab_size
-        with verifier_context():
-            first, second = (verifier(input_ids=ids, use_cache=False).logits[0, :-1] for ids in (tokens, other))
-        return _close(first, second)
-
-    if not _probe(verifier, "causal", run):
-        raise ValueError(
-            f"`speculative=True` needs a causal base model, but {type(verifier).__name__} attends both ways (its "
-            "logits depend on later tokens); load it as a decoder (e.g. `is_decoder=True` for BERT-family models) or "
-            "decode without `speculative`."
-        )
-
-
-def _check_tree_positions(verifier, verifier_context: Callable, vocab_size: int) -> None:
-    """Draft-tree nodes of one depth share a position (`committed length + depth`) and must not see each other, so
-    the base must take its positions from `position_ids` and its mask from the pattern. Some decoders number tokens
-    by their order in the input and the cache instead (the BART family's learned positions, ALiBi built from the
-    attention mask, ...): a tree would be verified at wrong positions there, so `tree_size` is refused. The probe is
-    one tree verification in miniature: a cached context token, then a context token and two sibling nodes; the second
-    node's logits must match a plain causal forward over the context and that node alone."""
-
-    def run() -> bool:
-        device = verifier.device
-        tokens = torch.arange(1, 5, device=device)[None] % vocab_size  # [1, 4]: two context tokens, two siblings
-        positions = torch.tensor([[0, 1, 2, 2]], device=device)
-        ancestors = torch.eye(2, dtype=torch.bool, device=device)[None]
-        layout = AttentionLayout("tree", positions, torch.zeros_like(positions), ancestors=ancestors)
-
-        def position_kwargs(columns: slice) -> dict:
-            return {"position_ids": positions[:, columns]} if _takes_position_ids(verifier) else {}
-
-        cache = DynamicCache()
-        with verifier_context():
-            verifier(input_ids=tokens[:, :1], **position_kwargs(slice(0, 1)), **{_compat.CACHE_KWARG: cache})
-            with diffusion_attention(layout):
-                tree_logits = verifier(
-                    input_ids=tokens[:, 1:],
-                    attention_mask=torch.ones_like(tokens),
-                    **position_kwargs(slice(1, 4)),
-                    **{_compat.CACHE_KWARG: cache},
-                ).logits[0, -1]
-            path = tokens[:, [0, 1, 3]]
-            path_logits = verifier(input_ids=path, **position_kwargs(slice(0, 3)), use_cache=False).logits[0, -1]
-        return _close(tree_logits, path_logits)
-
-    if not _probe(verifier, "tree", run):
-        raise ValueError(
-            f"`tree_size` needs a base model that takes positions from `position_ids` and its mask from the attention "
-            f"pattern (tree nodes of one depth share a position and do not see each other), but "
-            f"{type(verifier).__name__} numbers tokens by their order (a probe tree forward differs from the causal "
-            "one); drop `tree_size` to verify the chain draft alone."
-        )
-
-
 def _warpers(config: GenerationConfig, base: GenerationConfig) -> LogitsProcessorList:
     """transformers' logits warpers for temperature, top-k and top-p, built as `generate` builds them (same classes,
     same order, same conditions). Unset values come from the verifier's generation config, then transformers'
@@ -703,7 +612,7 @@ class _Speculator:
     def position_kwargs(self, position_ids: torch.Tensor) -> dict:
         """`position_ids` for the base where its forward takes them, as HF `generate` does (Whisper's decoder does
         not: it numbers tokens by their column, as in `generate`)."""
-        return {"position_ids": position_ids} if _takes_position_ids(self.verifier) else {}
+        return {"position_ids": position_ids} if takes_position_ids(self.verifier) else {}
 
     # 2. Verify ----------------------------------------------------------------------------------------------------
 
