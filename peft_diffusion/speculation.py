@@ -491,6 +491,7 @@ class _Speculator:
         self.generated = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)  # [B]
         self.offsets = torch.arange(settings.block_length + 1, device=device)  # [W + 1]
+        self.takes_position_ids = takes_position_ids(self.verifier)  # a signature read, once per call
         if self.streamer is not None:
             self.streamer.put(self.input_ids.cpu())
 
@@ -612,7 +613,7 @@ class _Speculator:
     def position_kwargs(self, position_ids: torch.Tensor) -> dict:
         """`position_ids` for the base where its forward takes them, as HF `generate` does (Whisper's decoder does
         not: it numbers tokens by their column, as in `generate`)."""
-        return {"position_ids": position_ids} if takes_position_ids(self.verifier) else {}
+        return {"position_ids": position_ids} if self.takes_position_ids else {}
 
     # 2. Verify ----------------------------------------------------------------------------------------------------
 

@@ -81,8 +81,10 @@ def check_tree_positions(verifier, verifier_context: Callable, vocab_size: int) 
         ancestors = torch.eye(2, dtype=torch.bool, device=device)[None]
         layout = AttentionLayout("tree", positions, torch.zeros_like(positions), ancestors=ancestors)
 
+        reads_positions = takes_position_ids(verifier)
+
         def position_kwargs(columns: slice) -> dict:
-            return {"position_ids": positions[:, columns]} if takes_position_ids(verifier) else {}
+            return {"position_ids": positions[:, columns]} if reads_positions else {}
 
         cache = DynamicCache()
         with verifier_context():
