@@ -34,7 +34,6 @@ tokens) nor a scored logit column, so the base's output is the same with them, a
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -179,18 +178,25 @@ def _head_rows_first(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.T
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def output_head(causal_lm: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds `causal_lm`'s LM head weight: its output embeddings under PEFT's wrappers (a LoRA layer's
+    base layer, the mask row's trainable-token layer and its base layer)."""
+    head = causal_lm.get_output_embeddings()
+    while isinstance(head, (AuxiliaryTrainingWrapper, BaseTunerLayer)):
+        inner = getattr(head, "token_adapter", None) or getattr(head, "get_base_layer", lambda: None)()
+        if inner is None or inner is head:
+            break
+        head = inner
+    return head
+
+
 @contextlib.contextmanager
 def head_rows_first(causal_lm: torch.nn.Module, rows: int):
     """For the duration, the LM head of `causal_lm` computes its product weight-first (`_head_rows_first`) when it is a
     plain `nn.Linear` on CPU (under PEFT's wrappers, e.g. the mask row's trainable tokens: their base layer, which a
     merged token layer calls), inference only, and the forward scores between 2 and 64 rows. A no-op otherwise (GPU,
     quantized heads, training, one row)."""
-    head = causal_lm.get_output_embeddings()
-    while isinstance(head, (AuxiliaryTrainingWrapper, BaseTunerLayer)):  # PEFT's wrappers around the head
-        inner = getattr(head, "token_adapter", None) or getattr(head, "get_base_layer", lambda: None)()
-        if inner is None or inner is head:
-            break
-        head = inner
+    head = output_head(causal_lm)
     if (
         torch.is_grad_enabled()
         or type(head) is not torch.nn.Linear
@@ -200,7 +206,7 @@ def head_rows_first(causal_lm: torch.nn.Module, rows: int):
     ):
         yield
         return
-    head.forward = functools.partial(lambda module, x: _head_rows_first(module.weight, module.bias, x), head)
+    head.forward = lambda x: _head_rows_first(head.weight, head.bias, x)
     try:
         yield
     finally:

@@ -82,7 +82,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from transformers.utils import ModelOutput
 
 from . import _compat, samplers
-from .adapter_views import AdapterViews, head_rows_first
+from .adapter_views import AdapterViews, head_rows_first, output_head
 from .attention import AttentionLayout, diffusion_attention
 from .draft_tree import build_draft_tree, greedy_tree_acceptance
 from .generation import (
@@ -264,8 +264,7 @@ def speculative_generate(
 def _head_rows(causal_lm) -> int:
     """The logit columns a causal LM scores: its LM head's rows (a decoder may score another vocabulary than its
     config's `vocab_size`, e.g. Marian's `decoder_vocab_size`), else the config's `vocab_size`."""
-    head = causal_lm.get_output_embeddings()
-    weight = getattr(getattr(head, "base_layer", head), "weight", None)
+    weight = getattr(output_head(causal_lm), "weight", None)
     return int(weight.shape[0]) if weight is not None else causal_lm.config.get_text_config().vocab_size
 
 
