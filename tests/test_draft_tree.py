@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 from conftest import MASK_ID
-from test_speculation import PROMPTS, Oracle, base_and_model, check_caches, inputs
+from test_speculation import Oracle, base_and_model, check_caches, inputs, oracle_texts
 
 from peft_diffusion.attention import AttentionLayout
 from peft_diffusion.draft_tree import DraftTree, build_draft_tree, greedy_tree_acceptance
@@ -175,14 +175,7 @@ class TreeOracle(Oracle):
 def test_tree_accepts_what_the_chain_misses_with_exact_caches(arch, batch, monkeypatch):
     reference, model = base_and_model(arch, block_size=4, init_lora_weights=True)
     block_length, max_new_tokens = 4, 20
-    continuation = reference.generate(
-        **inputs(batch), max_new_tokens=max_new_tokens + block_length, do_sample=False, eos_token_id=None
-    )
-    # EOS: row 0's 13th token (gpt2's tiny copy repeats one token per row: there a token it never writes).
-    new_tokens = continuation[:, PROMPTS.shape[1] :]
-    unused = torch.isin(torch.arange(MASK_ID), new_tokens).logical_not().nonzero()
-    eos = int(new_tokens[0, 12]) if arch != "gpt2" else int(unused[-1])
-    expected = reference.generate(**inputs(batch), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos)
+    continuation, eos, expected = oracle_texts(reference, arch, batch, max_new_tokens, block_length)
     oracle = TreeOracle(continuation, error_rate=0.3)
     monkeypatch.setattr(_Speculator, "draft", lambda speculator, *args: oracle(speculator, *args))
     crop_base, checked = _Speculator.crop_base, []

@@ -310,21 +310,28 @@ def check_caches(speculator):
                 assert float(difference[is_compared].max()) < 1e-5
 
 
+def oracle_texts(reference, arch, batch, max_new_tokens, block_length):
+    """`(continuation, eos, expected)` for an oracle drafter: the base's greedy continuation without EOS (a draft of
+    `block_length` past the end included), an EOS id, and the base's HF greedy output with it. EOS: the 13th token
+    row 0 writes (llama, qwen2: it falls inside a draft, and other rows run on); gpt2's tiny copy repeats one token per
+    row, so there the EOS is a token it never writes (every row runs to the end)."""
+    continuation = reference.generate(
+        **inputs(batch), max_new_tokens=max_new_tokens + block_length, do_sample=False, eos_token_id=None
+    )
+    new_tokens = continuation[:, PROMPTS.shape[1] :]
+    unused = torch.isin(torch.arange(MASK_ID), new_tokens).logical_not().nonzero()
+    eos = int(new_tokens[0, 12]) if arch != "gpt2" else int(unused[-1])
+    expected = reference.generate(**inputs(batch), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos)
+    return continuation, eos, expected
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_oracle_drafts_eos_ragged_acceptance_and_exact_caches(arch, batch, monkeypatch):
     # Attention blocks of 4: the drafter cache must leave out each row's partial last block.
     reference, model = base_and_model(arch, block_size=4, init_lora_weights=True)
     block_length, max_new_tokens = 8, 20
-    continuation = reference.generate(
-        **inputs(batch), max_new_tokens=max_new_tokens + block_length, do_sample=False, eos_token_id=None
-    )
-    # EOS: the 13th token row 0 writes (llama, qwen2: it falls inside a draft, and other rows run on); gpt2's tiny
-    # copy repeats one token per row, so there the EOS is a token it never writes (every row runs to the end).
-    new_tokens = continuation[:, PROMPTS.shape[1] :]
-    unused = torch.isin(torch.arange(MASK_ID), new_tokens).logical_not().nonzero()
-    eos = int(new_tokens[0, 12]) if arch != "gpt2" else int(unused[-1])
-    expected = reference.generate(**inputs(batch), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos)
+    continuation, eos, expected = oracle_texts(reference, arch, batch, max_new_tokens, block_length)
     oracle = Oracle(continuation, error_rate=0.25)
     monkeypatch.setattr(_Speculator, "draft", lambda speculator, *args: oracle(speculator, *args))
     rounds = []
