@@ -107,12 +107,13 @@ class LikelihoodEstimate:
 
 @dataclass(frozen=True)
 class PerplexityBound:
-    """Per-token NLL bound over a text dataset, from `nll_per_token`.
+    """Per-token NLL over a text dataset, from `nll_per_token`.
 
     Attributes:
-        nll (`float`): upper bound on the negative log-likelihood per token (nats), `-sum ELBO / num_tokens`.
-        perplexity (`float`): upper bound on the perplexity, `exp(nll)`.
-        stderr (`float`): standard error of `nll`.
+        nll (`float`): negative log-likelihood per token (nats): with `estimator="elbo"` an upper bound on the
+            model's, `-sum ELBO / num_tokens`; with `"left_to_right"` the exact NLL of its left-to-right sampler.
+        perplexity (`float`): `exp(nll)` (an upper bound on the perplexity with `"elbo"`).
+        stderr (`float`): standard error of `nll` (0 with `"left_to_right"`: deterministic).
         num_tokens (`int`): number of tokens scored.
     """
 
@@ -521,14 +522,18 @@ def nll_per_token(
     mc_samples: int = 32,
     batch_size: int = 32,
     generator: torch.Generator | None = None,
+    estimator: str = "elbo",
     progress: bool = False,
 ) -> PerplexityBound:
-    r"""Per-token NLL bound and perplexity bound of a text dataset, in rolling windows at the model's context.
+    r"""Per-token NLL (bound) and perplexity of a text dataset, in rolling windows at the model's context.
 
     Each document `x_1..x_N` is preceded by `prefix_token_id` and cut into consecutive windows of
     `max_length - 1` tokens; each window is scored by `loglikelihood` given the token right before it (the prefix
-    for the first window), so every token is scored exactly once (lm-eval's rolling windows). The bound is
-    `nll = -sum ELBO / num_tokens` (>= the true NLL per token in expectation) and `perplexity = exp(nll)`.
+    for the first window), so every token is scored exactly once (lm-eval's rolling windows). With the ELBO the
+    bound is `nll = -sum ELBO / num_tokens` (>= the true NLL per token in expectation); with `"left_to_right"`,
+    `nll = -sum LTR / num_tokens` is the exact NLL of the distribution the one-token-per-step left-to-right
+    sampler draws from (module docstring, Eq. 3): a real likelihood of a real generator, not a bound on the any-order
+    mixture. `perplexity = exp(nll)`.
 
     Args:
         model (`DiffusionLM`): the diffusion LM (in eval mode).
@@ -542,12 +547,16 @@ def nll_per_token(
         mc_samples (`int`, defaults to 32): Monte-Carlo samples per window.
         batch_size (`int`, defaults to 32): rows per forward pass.
         generator (`torch.Generator`, *optional*): a CPU generator, for reproducible estimates.
+        estimator (`str`, defaults to `"elbo"`): `"elbo"` (Monte-Carlo bound) or `"left_to_right"` (deterministic,
+            `mc_samples` unused); see `loglikelihood_batch`.
         progress (`bool`, defaults to `False`): a progress bar of the scored rows on stderr.
 
     Returns:
         `PerplexityBound` (`nll`, `perplexity`, `stderr`, `num_tokens`).
     """
     _check_mc_samples(mc_samples)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, got estimator={estimator!r}.")
     max_length = max_length or context_window(model.causal_lm.config)
     if max_length is None:
         raise ValueError(
@@ -583,7 +592,13 @@ def nll_per_token(
     if not requests:
         raise ValueError("`texts` holds no tokens to score.")
     estimates = loglikelihood_batch(
-        model, requests, mc_samples=mc_samples, batch_size=batch_size, generator=generator, progress=progress
+        model,
+        requests,
+        mc_samples=mc_samples,
+        batch_size=batch_size,
+        generator=generator,
+        estimator=estimator,
+        progress=progress,
     )
     num_tokens = sum(estimate.num_tokens for estimate in estimates)
     nll = -sum(estimate.logprob for estimate in estimates) / num_tokens

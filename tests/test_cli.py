@@ -403,6 +403,16 @@ def test_eval_prints_the_ar_base_beside_the_diffusion_bound(converted_dir, tmp_p
     assert code == 0, err
     assert "| AR base (exact) |" in out and "| diffusion (ELBO bound, 2 MC samples) |" in out
     assert "scoring 2 texts (58 tokens)" in out  # one token per character: 31 + 27
+    # the left-to-right sampler's exact NLL: deterministic (the seed does not move it), labelled as such
+    lines = []
+    for seed in (0, 1):
+        code, out, err = run(
+            ["eval", "--model", converted_dir, "--dataset", data, "--max_length", 16, "--estimator", "left_to_right",
+             "--seed", seed], capsys,
+        )  # fmt: skip
+        assert code == 0, err
+        lines.append(next(line for line in out.splitlines() if line.startswith("| diffusion")))
+    assert lines[0].startswith("| diffusion (left-to-right sampler, exact) |") and lines[0] == lines[1]
 
 
 def test_ar_nll_per_token_is_the_causal_cross_entropy():

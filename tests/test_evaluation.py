@@ -235,6 +235,27 @@ def test_nll_per_token_rolls_windows_over_documents():
     assert bound.perplexity == pytest.approx(math.exp(bound.nll))
 
 
+def test_nll_per_token_left_to_right_is_the_sampler_nll_over_the_same_windows():
+    model = diffusion("block", block_size=2)
+    documents = [[9, 33, 71, 12, 8, 60, 101], [4, 5]]
+    result = nll_per_token(model, documents, prefix_token_id=1, max_length=4, estimator="left_to_right")
+    # windows of 3 tokens given the token before them; blocks of 2 over each window's positions [0, 4)
+    expected = 0.0
+    for document in documents:
+        ids = [1] + document
+        for start in range(1, len(ids), 3):
+            window = ids[start - 1 : start + 3]
+            ends = [min(b + 2, len(window)) for b in range(0, len(window), 2)]
+            groups = [(max(1, b), end, end) for b, end in zip(range(0, len(window), 2), ends) if end > max(1, b)]
+            expected += left_to_right_reference(model, window, groups)
+    assert result.num_tokens == 9 and result.stderr == 0.0
+    assert result.nll == pytest.approx(-expected / 9, abs=1e-4)
+    elbo = nll_per_token(model, documents, prefix_token_id=1, max_length=4, mc_samples=2, generator=generator())
+    assert elbo.nll != pytest.approx(result.nll, abs=1e-3)  # a different quantity, not the bound relabelled
+    with pytest.raises(ValueError, match=r"`estimator` must be one of"):
+        nll_per_token(model, documents, prefix_token_id=1, estimator="ar")
+
+
 def test_ar_nll_per_token_rolls_the_same_windows_over_documents():
     model = tiny_causal_lm("llama", "sdpa").eval()
     documents = [[9, 33, 71, 12, 8, 60, 101], [4, 5]]
