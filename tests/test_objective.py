@@ -372,3 +372,103 @@ def test_two_stream_head_on_needed_rows_equals_the_full_head(arch):
     # noisy rows 0..10 except 3 and 7 (positions 4 and 8 start blocks and read the clean rows 12 + 3, 12 + 7)
     assert calls[0] == 9 + 2
     torch.testing.assert_close(fast, full)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Detached clean context (`forward(detach_clean_context=True)`)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def lora_diffusion(arch, block_size=4, shift=True):
+    config = DiffusionConfig(attention="block", block_size=block_size, shift=shift, mask_token_id=MASK_ID)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)  # a non-zero adapter
+    backend = "eager" if arch == "gemma2" else "sdpa"  # gemma2 has no sdpa path; its sliding window is what is tested
+    return get_diffusion_model(tiny_causal_lm(arch, backend), config, peft_config=lora).train()
+
+
+def two_stream_inputs(length=13, packed=False):
+    input_ids, _, attention_mask = batch(seed=3, length=length)
+    noisy = input_ids.masked_fill(
+        torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(1)) < 0.5, MASK_ID
+    )
+    kwargs = dict(input_ids=noisy, clean_input_ids=input_ids)
+    if packed:  # two documents per row, no padding
+        kwargs["position_ids"] = torch.cat([torch.arange(6), torch.arange(length - 6)]).expand(input_ids.shape[0], -1)
+    else:  # left padding
+        kwargs["attention_mask"] = attention_mask
+    return kwargs
+
+
+def lora_grads(model):
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma2", "gpt_neox"])
+def test_detached_clean_context_gives_the_two_stream_logits(arch, packed, shift):
+    model = lora_diffusion(arch, shift=shift)
+    kwargs = two_stream_inputs(packed=packed)
+    full = model(**kwargs).logits  # the reference: one forward over [x_t ; x_0]
+    detached = model(**kwargs, detach_clean_context=True).logits
+    real = kwargs.get("attention_mask", torch.ones_like(kwargs["input_ids"])).bool()
+    torch.testing.assert_close(detached[real], full[real], atol=2e-5, rtol=1e-4)
+
+
+def test_detached_clean_context_backpropagates_through_about_half_the_tokens():
+    """The embedding rows that carry gradient: 2L with the full two-stream forward, L + one replica per block start
+    with the clean copy detached (the clean pass runs without gradient)."""
+    model = lora_diffusion("llama")
+    kwargs = two_stream_inputs(length=13)
+    batch_size, length = kwargs["input_ids"].shape
+    rows = []
+    embedding = model.get_input_embeddings()
+    handle = embedding.register_forward_hook(
+        lambda module, args, out: rows.append(out.shape[1] if out.requires_grad else 0)
+    )
+    model(**kwargs).logits.sum().backward()
+    model(**kwargs, detach_clean_context=True).logits.sum().backward()
+    handle.remove()
+    # the LoRA'd embedding's output requires grad only through the mask row / adapter: count the calls' rows
+    assert rows[0] == 2 * length
+    assert rows[1:] == [0, length + 3]  # the clean pass without gradient; positions 4, 8, 12 start blocks
+
+
+def test_detached_clean_context_gradients(tmp_path):
+    """Targets of the first block of each row see no clean context: their gradient is the full forward's. Block
+    starts are read from replicas, which carry gradient; later targets lose the clean keys' gradient only."""
+    model = lora_diffusion("llama")
+    kwargs = two_stream_inputs(length=12)
+    attention_mask = kwargs["attention_mask"]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    first_block = attention_mask.bool() & (positions > 0) & (positions < 4)
+    starts = attention_mask.bool() & (positions % 4 == 0) & (positions > 0)
+
+    def grads(detach, where):
+        model.zero_grad()
+        logits = model(**kwargs, detach_clean_context=detach).logits
+        logits[where].float().log_softmax(-1)[:, 7].sum().backward()
+        return lora_grads(model)
+
+    full, detached = grads(False, first_block), grads(True, first_block)
+    assert full.keys() == detached.keys() and full
+    for name in full:
+        torch.testing.assert_close(detached[name], full[name], atol=1e-6, rtol=1e-4)
+    at_starts = grads(True, starts)
+    assert any(float(grad.abs().max()) > 0 for name, grad in at_starts.items() if "lora_" in name)
+    later = attention_mask.bool() & (positions >= 4) & ~starts
+    full, detached = grads(False, later), grads(True, later)
+    assert any(not torch.allclose(detached[name], full[name], atol=1e-6) for name in full)
+
+
+def test_detached_clean_context_refuses_what_it_cannot_do():
+    model = lora_diffusion("llama")
+    kwargs = two_stream_inputs()
+    with pytest.raises(ValueError, match="`detach_clean_context` takes token ids"):
+        model(**kwargs, detach_clean_context=True, logits_to_keep=2)
+    model.causal_lm.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="activation \\(gradient\\) checkpointing"):
+        model(**kwargs, detach_clean_context=True)
+    model.causal_lm.gradient_checkpointing_disable()
+    with torch.no_grad():  # without gradients there is nothing to detach: the one-forward path
+        torch.testing.assert_close(model(**kwargs, detach_clean_context=True).logits, model(**kwargs).logits)
