@@ -78,10 +78,6 @@ class AttentionLayout:
         ancestors (`torch.BoolTensor` of shape `(batch_size, num_nodes, num_nodes)`, *optional*): the `"tree"`
             pattern: the last `num_nodes` tokens form a token tree, and `ancestors[b, i, j]` says node `j` is node `i`
             or one of its ancestors.
-        is_replica (`torch.BoolTensor` of shape `(batch_size, total_length)`, *optional*): with `is_clean`, clean
-            tokens computed a second time (the detached two-stream layout, `detached_two_stream_layout`): a replica
-            sees what its clean original sees (the clean tokens of its block and earlier ones, never a replica), and
-            no other token sees it, so it reproduces the original's output.
     """
 
     pattern: str
@@ -92,7 +88,6 @@ class AttentionLayout:
     is_open: torch.Tensor | None = None
     unmasked: bool = False
     ancestors: torch.Tensor | None = None
-    is_replica: torch.Tensor | None = None
 
     def __post_init__(self):
         get_attention_pattern(self.pattern, selectable_only=False).check_layout(self)
@@ -262,7 +257,7 @@ class BlockPattern(AttentionPattern):
             raise ValueError(f"The 'block' pattern needs a positive `block_size`, got block_size={layout.block_size}.")
 
     def rule(self, layout):
-        block_ids, is_clean, is_replica = layout.positions // layout.block_size, layout.is_clean, layout.is_replica
+        block_ids, is_clean = layout.positions // layout.block_size, layout.is_clean
 
         def allowed(b, q, k):
             block_q, block_k = block_ids[b, q], block_ids[b, k]
@@ -271,10 +266,7 @@ class BlockPattern(AttentionPattern):
             clean_q, clean_k = is_clean[b, q], is_clean[b, k]
             noisy_rule = torch.where(clean_k, block_k < block_q, block_k == block_q)
             clean_rule = clean_k & (block_k <= block_q)
-            rule = torch.where(clean_q, clean_rule, noisy_rule)
-            if is_replica is not None:
-                rule = rule & ~is_replica[b, k]  # a replica is seen by no one (its original is, once)
-            return rule
+            return torch.where(clean_q, clean_rule, noisy_rule)
 
         return allowed
 
@@ -406,27 +398,6 @@ def two_stream_layout(positions: torch.Tensor, doc_ids: torch.Tensor, block_size
         doc_ids=torch.cat([doc_ids, doc_ids], dim=1),  # [B, 2L]
         block_size=block_size,
         is_clean=is_clean,
-    )
-
-
-def detached_two_stream_layout(
-    positions: torch.Tensor, doc_ids: torch.Tensor, block_size: int, replica_index: torch.Tensor
-) -> AttentionLayout:
-    """The clean-context layout in key order `[x_0 ; x_t ; replicas]` for `[B, L]` positions and document ids: the
-    clean copy first (computed without gradient into a KV cache), then the noisy tokens and `replica_index` (`[B, K]`)
-    clean tokens computed again (with gradient), each seeing exactly what the two-stream layout shows it."""
-    batch, length = positions.shape
-    device = positions.device
-    clean_flags = torch.ones(batch, length, dtype=torch.bool, device=device)  # [B, L]
-    noisy_flags = torch.zeros(batch, length, dtype=torch.bool, device=device)  # [B, L]
-    replica_flags = torch.ones(batch, replica_index.shape[1], dtype=torch.bool, device=device)  # [B, K]
-    return AttentionLayout(
-        pattern="block",
-        positions=torch.cat([positions, positions, positions.gather(1, replica_index)], dim=1),  # [B, 2L + K]
-        doc_ids=torch.cat([doc_ids, doc_ids, doc_ids.gather(1, replica_index)], dim=1),  # [B, 2L + K]
-        block_size=block_size,
-        is_clean=torch.cat([clean_flags, noisy_flags, replica_flags], dim=1),  # [B, 2L + K]
-        is_replica=torch.cat([~clean_flags, noisy_flags, replica_flags], dim=1),  # [B, 2L + K]
     )
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from . import _compat
@@ -34,7 +34,6 @@ from .adapter_views import head_rows_first
 from .architectures import check_architecture
 from .attention import (
     AttentionLayout,
-    detached_two_stream_layout,
     diffusion_attention,
     get_attention_pattern,
     non_causal,
@@ -226,7 +225,6 @@ class DiffusionLM(PreTrainedModel):
         normalization: str = "targets",
         num_items_in_batch: int | torch.Tensor | None = None,
         logits_to_keep: int = 0,
-        detach_clean_context: bool = False,
         **kwargs,
     ) -> DiffusionLMOutput:
         r"""Logits of the diffusion LM, aligned to positions.
@@ -267,11 +265,6 @@ class DiffusionLM(PreTrainedModel):
             logits_to_keep (`int`, defaults to 0): return the logits of the last `logits_to_keep` positions only (0:
                 all); the LM head then runs on those rows (plus the one row the shift reads), as in transformers.
                 Not with the two-stream layout.
-            detach_clean_context (`bool`, defaults to `False`): with `clean_input_ids` while gradients are on, compute
-                the clean copy x_0 without gradient into a KV cache, then the noisy tokens (and a replica of each
-                clean token a block start is predicted from, with gradient) over it: the same logits as the
-                two-stream forward, a backward over about half the tokens, no gradient through the other clean
-                tokens' keys and values (`DiffusionTrainingConfig.detach_clean_context`).
 
         The body follows the numbered outline of the module docstring in one piece (longer than usual): the layout,
         the fast-path decision and the shift read the same positions and must agree.
@@ -299,7 +292,6 @@ class DiffusionLM(PreTrainedModel):
                 complementary_masking=complementary_masking,
                 normalization=normalization,
                 num_items_in_batch=num_items_in_batch,
-                detach_clean_context=detach_clean_context,
                 **kwargs,
             )
             return DiffusionLMOutput(loss=step.loss, logits=step.logits, metrics=step.metrics)
@@ -331,15 +323,6 @@ class DiffusionLM(PreTrainedModel):
             )
         if two_stream and past_length > 0:
             raise ValueError("The two-stream `[x_t ; x_0]` layout is for training and scoring; it takes no KV cache.")
-        if two_stream and detach_clean_context and torch.is_grad_enabled():
-            if logits_to_keep or use_cache or inputs_embeds is not None and input_ids is None:
-                raise ValueError(
-                    "`detach_clean_context` takes token ids and returns every position's logits; pass `input_ids`, "
-                    "logits_to_keep=0 and use_cache=False."
-                )
-            return self._detached_two_stream_forward(
-                input_ids, clean_input_ids, attention_mask, positions, doc_ids, kwargs
-            )
         layout = self.attention_layout(positions, doc_ids, two_stream=two_stream, generator=generator)
         # Unmasked fast path: the pattern allows every pair, one document (position ids only shape the layout
         # without a cache), no padding (checked last: it is the only host sync, and only taken when it can pay).
@@ -411,86 +394,6 @@ class DiffusionLM(PreTrainedModel):
             logits[..., self.config.mask_token_id] = torch.finfo(logits.dtype).min
         return DiffusionLMOutput(logits=logits, cache=_compat.output_cache(outputs) if use_cache else None)
 
-    def _detached_two_stream_forward(
-        self,
-        input_ids: torch.LongTensor,
-        clean_input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
-        positions: torch.Tensor,
-        doc_ids: torch.Tensor,
-        kwargs: dict,
-    ) -> DiffusionLMOutput:
-        """The clean-context forward with the clean copy detached (`forward(detach_clean_context=True)`):
-
-        1. the replicas: under the shift the first token of a noisy block is predicted from the clean copy of the
-           token before it, so those clean tokens (`[B, K]`, K the most per row) are computed again with gradient;
-        2. the clean copy x_0 without gradient, block-causal, into a KV cache (the LM head on one row);
-        3. the noisy tokens and the replicas over that cache, with gradient (`detached_two_stream_layout`);
-        4. the shift: row i - 1 predicts token i, the replica of i - 1 at a block start.
-        """
-        if self._activation_checkpointing_on():
-            raise ValueError(
-                "`detach_clean_context` runs the noisy tokens over a KV cache of the clean copy, which activation "
-                "(gradient) checkpointing does not support in transformers; turn one of them off."
-            )
-        batch_size, length = input_ids.shape
-        block_size = self.config.block_size
-        # 1. the replicas (a row without block starts repeats its first token: computed, never read)
-        if self.config.shift:
-            starts_block = (positions % block_size == 0) & (positions > 0)  # [B, L]
-        else:
-            starts_block = torch.zeros_like(positions, dtype=torch.bool)
-        is_source = torch.zeros_like(starts_block)
-        is_source[:, :-1] = starts_block[:, 1:]  # [B, L]: the clean tokens a block start is read from
-        num_replicas = max(int(is_source.sum(1).max()), 1)
-        replica_index = torch.argsort((~is_source).to(torch.int8), dim=1, stable=True)[:, :num_replicas]  # [B, K]
-        has_any = is_source.gather(1, replica_index)  # [B, K]
-        replica_index = torch.where(has_any, replica_index, replica_index[:, :1])  # [B, K]
-        layout = detached_two_stream_layout(positions, doc_ids, block_size, replica_index)
-        full_mask = None
-        if attention_mask is not None:
-            full_mask = torch.cat(
-                [attention_mask, attention_mask, attention_mask.gather(1, replica_index)], dim=1
-            )  # [B, 2L + K]
-        cache = DynamicCache()
-        cache_kwarg = {_compat.CACHE_KWARG: cache}
-        with diffusion_attention(layout):
-            # 2. the clean copy, no gradient
-            with torch.no_grad():
-                self.model(
-                    input_ids=clean_input_ids,
-                    attention_mask=None if full_mask is None else full_mask[:, :length],
-                    position_ids=positions,
-                    use_cache=True,
-                    return_dict=True,
-                    **({"logits_to_keep": 1} if self._head_takes_rows() else {}),
-                    **cache_kwarg,
-                    **kwargs,
-                )
-            # 3. the noisy tokens and the replicas over the cache
-            raw_logits = self.model(
-                input_ids=torch.cat([input_ids, clean_input_ids.gather(1, replica_index)], dim=1),  # [B, L + K]
-                attention_mask=full_mask,
-                position_ids=torch.cat([positions, positions.gather(1, replica_index)], dim=1),  # [B, L + K]
-                use_cache=True,
-                return_dict=True,
-                **cache_kwarg,
-                **kwargs,
-            ).logits  # [B, L + K, V]
-        # 4. the shift
-        index = torch.arange(length, device=positions.device).expand(batch_size, -1)  # [B, L]
-        if self.config.shift:
-            source = torch.where(positions == 0, index, index - 1)  # [B, L]
-            slot = torch.zeros_like(index)
-            slot.scatter_(1, replica_index, torch.arange(num_replicas, device=slot.device).expand(batch_size, -1))
-            source = torch.where(starts_block, length + slot.gather(1, source.clamp(min=0)), source)  # [B, L]
-        else:
-            source = index
-        logits = raw_logits.gather(1, source[..., None].expand(-1, -1, raw_logits.shape[-1]))  # [B, L, V]
-        if self.config.mask_token_id is not None:
-            logits[..., self.config.mask_token_id] = torch.finfo(logits.dtype).min
-        return DiffusionLMOutput(logits=logits)
-
     def _allows_every_pair(self, layout: AttentionLayout, past_length: int, length: int) -> bool:
         """Whether every query may attend to every key, for unpadded single-document input (host-side facts only).
 
@@ -499,17 +402,13 @@ class DiffusionLM(PreTrainedModel):
         Gradient checkpointing (transformers' or a `CheckpointWrapper`, as FSDP's activation checkpointing applies)
         recomputes layers in backward, outside the forward's `non_causal` context: it keeps the masked path.
         """
-        if torch.is_grad_enabled() and self._activation_checkpointing_on():
+        if torch.is_grad_enabled() and (
+            self.causal_lm.is_activation_checkpointing
+            or any(type(module).__name__ == "CheckpointWrapper" for module in self.model.modules())
+        ):
             return False
         return get_attention_pattern(layout.pattern, selectable_only=False).allows_every_pair(
             layout, past_length, length
-        )
-
-    def _activation_checkpointing_on(self) -> bool:
-        """Whether layers are recomputed in backward: transformers' gradient checkpointing or a `CheckpointWrapper`
-        (FSDP's activation checkpointing)."""
-        return bool(self.causal_lm.is_activation_checkpointing) or any(
-            type(module).__name__ == "CheckpointWrapper" for module in self.model.modules()
         )
 
     def _head_takes_rows(self) -> bool:

@@ -270,12 +270,6 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
                 f"`teacher_weight={args.teacher_weight}` needs a LoRA model: the AR teacher is the base, i.e. the same "
                 "weights with the adapter disabled. Pass a `peft_config`, or set teacher_weight=0 for full finetuning."
             )
-        if args.detach_clean_context and not self.model.config.uses_clean_context:
-            raise ValueError(
-                "`detach_clean_context=True` detaches the clean copy of the two-stream input, which only "
-                f"attention='block' with clean_context=True has (this model: attention={self.model.config.attention!r}, "
-                f"clean_context={self.model.config.clean_context}); set detach_clean_context=False."
-            )
         self._interrupt = SaveOnInterrupt(self)
         self.add_callback(self._interrupt)
         # `max_train_minutes`: stop on the clock and run the learning-rate schedule on it (budget.py)
@@ -388,7 +382,6 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
             normalization=args.loss_normalization if training else "targets",
             generator=None if training else self._eval_generator,
             num_items_in_batch=num_items_in_batch if training and per_target else None,
-            detach_clean_context=args.detach_clean_context and training,
             **teacher,
         )
         loss = outputs.loss

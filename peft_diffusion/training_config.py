@@ -55,12 +55,6 @@ class DiffusionTrainingConfig(SFTConfig):
             Where the teacher is compared: `"masked"`, every masked target; `"first_masked"`, the first masked target
             of each attention block (where the student's left context inside the block is as complete as the
             teacher's: the token a left-to-right draft commits first).
-        detach_clean_context (`bool`, defaults to `False`):
-            Under block attention with `clean_context`: compute the clean copy x_0 of the two-stream input without
-            gradient, into a KV cache, and the noisy tokens over it with gradient (plus, under the shift, the clean
-            tokens each block start is predicted from). The logits are those of the full two-stream forward; the
-            backward covers about half the tokens, so a step is cheaper, and no gradient flows through the clean
-            context's keys and values. Not with activation checkpointing. False: the full two-stream backward.
         max_train_minutes (`float`, *optional*):
             A wall-clock budget for `train()`, in minutes: training stops after the optimizer step that spends it,
             and the learning-rate schedule (`linear`, `cosine`, `constant`, `constant_with_warmup`) runs on time, so
@@ -126,13 +120,6 @@ class DiffusionTrainingConfig(SFTConfig):
         default="masked",
         metadata={"help": "Where the AR teacher is compared: 'masked' (every masked target) or 'first_masked'."},
     )
-    detach_clean_context: bool = field(
-        default=False,
-        metadata={
-            "help": "Clean context without gradient (a KV cache of x_0, the noisy tokens over it): a cheaper step, no "
-            "gradient through the clean keys and values. Block attention with clean_context only."
-        },
-    )
     max_train_minutes: float | None = field(
         default=None,
         metadata={
@@ -183,12 +170,6 @@ class DiffusionTrainingConfig(SFTConfig):
             raise ValueError(
                 f"`teacher_positions` must be one of {list(TEACHER_POSITIONS)}, got "
                 f"teacher_positions={self.teacher_positions!r}."
-            )
-        if self.detach_clean_context and self.activation_checkpointing:
-            raise ValueError(
-                "`detach_clean_context=True` runs the noisy tokens over a KV cache of the clean copy, which activation "
-                "(gradient) checkpointing does not support; set activation_checkpointing=False (the default on CPU) "
-                "or detach_clean_context=False."
             )
         if self.max_train_minutes is not None:
             minutes = self.max_train_minutes
