@@ -123,9 +123,19 @@ def heldout_nll(model, tokenizer, num_texts: int) -> dict:
     ids = [tokenizer(text, add_special_tokens=False).input_ids[:128] for text in texts]
     bound = nll_per_token(model, ids, prefix_token_id=prefix, max_length=256, mc_samples=8, batch_size=16,
                           generator=torch.Generator().manual_seed(0), progress=True)  # fmt: skip
+    # the exact NLL of the model's one-token-per-step left-to-right sampler (deterministic; not a bound)
+    ltr = nll_per_token(model, ids, prefix_token_id=prefix, max_length=256, batch_size=16, estimator="left_to_right",
+                        progress=True)  # fmt: skip
     with model.model.disable_adapter():
         exact = ar_nll_per_token(model.causal_lm, ids, prefix, 256)
-    return {"diffusion_bound": bound.nll, "bound_stderr": bound.stderr, "base_exact": exact, "gap": bound.nll - exact}
+    return {
+        "diffusion_bound": bound.nll,
+        "bound_stderr": bound.stderr,
+        "base_exact": exact,
+        "gap": bound.nll - exact,
+        "left_to_right": ltr.nll,
+        "left_to_right_gap": ltr.nll - exact,
+    }
 
 
 def lambada_items(limit: int) -> list[tuple[str, str]]:
@@ -238,7 +248,7 @@ def main() -> None:
         from peft_diffusion.cli.defaults import default_model_path
 
         args.model = default_model_path()
-    name = f"{args.data}-b{args.block_size}-t{args.teacher_weight:g}-{args.minutes:g}min"
+    name = f"{Path(args.model).name}-{args.data}-b{args.block_size}-t{args.teacher_weight:g}-{args.minutes:g}min"
     if args.adapter:  # a saved point: evaluate only (the settings in the name are the caller's word)
         from peft_diffusion import DiffusionLM
 
@@ -274,6 +284,7 @@ def main() -> None:
     nll, lam, gen = result["heldout_nll"], result["lambada"], result["chat"]
     print(
         f"| {name} | {training['steps']} | {nll['diffusion_bound']:.2f} vs {nll['base_exact']:.2f} "
+        f"| {nll['left_to_right']:.2f} (gap {nll['left_to_right_gap']:.2f}) "
         + (f"| {lam['diffusion_accuracy']:.2f} vs {lam['base_accuracy']:.2f} " if lam else "| - ")
         + f"| {gen['0.9']['tokens_per_forward']:.2f} / {gen['0.7']['tokens_per_forward']:.2f} "
         f"| {gen['0.9']['gen_ppl']:.1f} / {gen['0.7']['gen_ppl']:.1f} vs {gen['base']['gen_ppl']:.1f} "
