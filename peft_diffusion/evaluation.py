@@ -50,8 +50,9 @@ semi-autoregressive decoder commits them when it writes one token per step from 
 
     LTR = sum_G sum_{i in G} log p(y_i | c, earlier blocks, y_{start_G .. i-1})                      (3)
 
-the exact log-likelihood of `y` under that one-token-per-step left-to-right sampler (one term of the any-order
-mixture of (1), so not a bound on it), with no sampling variance: one forward per position of the largest group
+the exact log-likelihood of `y` under that one-token-per-step left-to-right sampler (`generate(...,
+sampler="left_to_right", steps=max_new_tokens)`; one term of the any-order mixture of (1), so not a bound on it),
+with no sampling variance: one forward per position of the largest group
 (the block size under block attention with clean context). For ranking answers it replaces many Monte-Carlo samples
 by a few forwards; it favours models that decode left to right, as converted AR models do.
 

@@ -33,6 +33,9 @@ Samplers (registry `SAMPLERS`, keys are the `sampler` config values):
     - `entropy`: exp(-entropy) of the position's distribution, so low-entropy positions commit first; the ordering
       of Dream's `entropy` rule (negative entropy), mapped into `(0, 1]` so a `threshold` reads the same way for
       every sampler.
+    - `left_to_right`: the leftmost masked position first, whatever the model says (`1 / (1 + i)` at window index
+      `i`); with one token per step it is the sampler whose exact likelihood `loglikelihood(...,
+      estimator="left_to_right")` computes, and a converted AR model's own order.
     Peng et al. 2025 ("Path Planning", arXiv:2502.03540) frame such scores as unmasking planners.
 
 `num_tokens_per_step` is LLaDA's schedule of how many tokens each step commits (an even split over the steps); the
@@ -317,6 +320,25 @@ class EntropySampler:
     ) -> torch.Tensor:
         entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)  # [B, L]; xlogy gives 0 log 0 = 0
         return torch.exp(-entropy)  # [B, L]
+
+
+@register_sampler("left_to_right")
+@dataclass(frozen=True)
+class LeftToRightSampler:
+    """Left to right: the score `1 / (1 + i)` falls with the index `i` of the position in the window (in `(0, 1]`),
+    so the leftmost masked position commits first, whatever the model says.
+
+    With one token per step (`steps` = the answer length) the decoder writes each block left to right, the order a
+    converted AR model knows, and `loglikelihood(..., estimator="left_to_right")` / `nll_per_token` give the exact
+    likelihood of what this sampler draws. A `threshold` is read against the position, not the model (above 1/2:
+    one token per step); it is no confidence test here.
+    """
+
+    def confidence(
+        self, probs: torch.Tensor, tokens: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        index = torch.arange(tokens.shape[-1], device=probs.device, dtype=torch.float32)  # [L]
+        return (1.0 / (1.0 + index)).expand(tokens.shape)  # [B, L]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -164,6 +164,29 @@ def test_left_to_right_with_block_size_one_is_the_causal_likelihood():
     assert estimate.logprob == pytest.approx(causal_logprob(model, CONTEXT + CONTINUATION, len(CONTEXT)), abs=1e-4)
 
 
+@pytest.mark.parametrize(("attention", "block_size"), [("block", 2), ("block", 4), ("bidirectional", 4)])
+def test_the_left_to_right_sampler_draws_what_the_left_to_right_likelihood_scores(attention, block_size):
+    """Greedy decoding with `sampler="left_to_right"`, one token per step, equals a hand loop of truncated forwards
+    (each position's argmax given the tokens before it, the rest of its block masked, later blocks absent), and the
+    estimator's log-likelihood of that answer is the sum of the loop's log-probabilities."""
+    model = diffusion(attention, block_size=block_size)
+    length = 5
+    answer = model.generate(
+        torch.tensor([CONTEXT]), max_new_tokens=length, steps=length, sampler="left_to_right", eos_token_id=[]
+    )[0, len(CONTEXT) :].tolist()
+    ids, total, stop = list(CONTEXT), 0.0, len(CONTEXT) + length
+    for position in range(len(CONTEXT), stop):
+        end = min((position // block_size + 1) * block_size, stop) if attention == "block" else stop
+        row = ids + [MASK_ID] * (end - position)
+        with torch.no_grad():
+            logprobs = model(input_ids=torch.tensor([row])).logits[0, position].float().log_softmax(-1)  # [V]
+        token = int(logprobs.argmax())
+        ids.append(token)
+        total += float(logprobs[token])
+    assert answer == ids[len(CONTEXT) :]
+    assert loglikelihood(model, CONTEXT, answer, estimator="left_to_right").logprob == pytest.approx(total, abs=1e-4)
+
+
 def test_unknown_estimator_is_named():
     with pytest.raises(
         ValueError, match=r"`estimator` must be one of \['elbo', 'left_to_right'\], got estimator='ar'"
