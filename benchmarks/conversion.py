@@ -97,7 +97,13 @@ def train(args, tokenizer, dataset, output_dir):
         args=training,
         train_dataset=dataset,
         processing_class=tokenizer,
-        diffusion_config=DiffusionConfig(attention="block", block_size=args.block_size, shift=True),
+        diffusion_config=DiffusionConfig(
+            attention="block",
+            block_size=args.block_size,
+            shift=True,
+            masking=args.masking,
+            masking_strength=args.masking_strength,
+        ),
         peft_config=LoraConfig(r=32, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
     )
     start = time.perf_counter()
@@ -230,6 +236,8 @@ def main() -> None:
     parser.add_argument("--teacher-weight", type=float, default=0.0)
     parser.add_argument("--teacher-positions", default="masked")
     parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--masking", choices=["uniform", "position_dependent"], default="uniform")
+    parser.add_argument("--masking-strength", type=float, default=0.0, help="position_dependent only")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-texts", type=int, default=24, help="held-out windows (600-character chunks)")
@@ -248,7 +256,10 @@ def main() -> None:
         from peft_diffusion.cli.defaults import default_model_path
 
         args.model = default_model_path()
-    name = f"{Path(args.model).name}-{args.data}-b{args.block_size}-t{args.teacher_weight:g}-{args.minutes:g}min"
+    masking = f"-posdep{args.masking_strength:g}" if args.masking == "position_dependent" else ""
+    name = (
+        f"{Path(args.model).name}-{args.data}-b{args.block_size}{masking}-t{args.teacher_weight:g}-{args.minutes:g}min"
+    )
     if args.adapter:  # a saved point: evaluate only (the settings in the name are the caller's word)
         from peft_diffusion import DiffusionLM
 
