@@ -257,8 +257,10 @@ def main() -> None:
 
         args.model = default_model_path()
     masking = f"-posdep{args.masking_strength:g}" if args.masking == "position_dependent" else ""
+    seed = f"-seed{args.seed}" if args.seed else ""
     name = (
         f"{Path(args.model).name}-{args.data}-b{args.block_size}{masking}-t{args.teacher_weight:g}-{args.minutes:g}min"
+        f"{seed}"
     )
     if args.adapter:  # a saved point: evaluate only (the settings in the name are the caller's word)
         from peft_diffusion import DiffusionLM
