@@ -72,10 +72,12 @@ def build(args):
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    ar = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=args.attn).eval()
+    load = dict(attn_implementation=args.attn, dtype=getattr(torch, args.dtype))
+    ar = AutoModelForCausalLM.from_pretrained(args.model, **load).to(args.device).eval()
     if args.adapter:
-        base = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=args.attn)
-        return ar, DiffusionLM.from_pretrained(args.adapter, base_model=base).eval(), tokenizer, args.adapter
+        base = AutoModelForCausalLM.from_pretrained(args.model, **load)
+        model = DiffusionLM.from_pretrained(args.adapter, base_model=base)
+        return ar, model.to(args.device).eval(), tokenizer, args.adapter
     if args.train_steps:
         sys.path.insert(0, str(REPO / "benchmarks" / "replication"))
         import common
@@ -91,11 +93,12 @@ def build(args):
         corpus = common.load_corpus(Path(args.cache))
         model, payload = common.get_trained(spec, corpus, Path(args.cache) / "models")
         seconds = payload.get("train_seconds", 0.0)
-        return ar, model.eval(), tokenizer, f"LoRA r=16 trained {args.train_steps} steps ({seconds:.0f}s)"
-    base = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=args.attn)
+        model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+        return ar, model, tokenizer, f"LoRA r=16 trained {args.train_steps} steps ({seconds:.0f}s)"
+    base = AutoModelForCausalLM.from_pretrained(args.model, **load)
     config = DiffusionConfig(attention="block", block_size=args.block_size)
     lora = LoraConfig(r=16, target_modules="all-linear")  # B = 0: the drafter starts as the base itself
-    model = get_diffusion_model(base, config, tokenizer=tokenizer, peft_config=lora).eval()
+    model = get_diffusion_model(base, config, tokenizer=tokenizer, peft_config=lora).to(args.device).eval()
     return ar, model, tokenizer, "untrained LoRA r=16 (zero-initialised)"
 
 
@@ -154,6 +157,12 @@ def runners(ar, model, batch, args) -> dict:
     return table
 
 
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that a timer reads finished work (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(ar, model, batches: list[dict], args, label: str, eos_ids: set[int] | None) -> list[dict]:
     """Run every method on every batch; times are the best of `--rounds`, summed over the batches."""
     results, best = {}, {}
@@ -164,8 +173,10 @@ def measure(ar, model, batches: list[dict], args, label: str, eos_ids: set[int] 
             best[(name, index)] = float("inf")
         for _ in range(args.rounds):
             for name, run in runs.items():
+                synchronize(args.device)
                 start = time.perf_counter()
                 run()
+                synchronize(args.device)
                 best[(name, index)] = min(best[(name, index)], time.perf_counter() - start)
     rows = []
     names = list(runners(ar, model, batches[0], args))
@@ -215,6 +226,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop each row at EOS and count tokens up to it")
     parser.add_argument("--lookup-tokens", type=int, default=10, help="HF prompt lookup's draft length (0: skip)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
@@ -225,8 +238,8 @@ def main(argv=None):
     texts = prompt_texts(tokenizer)
     # the chat template already holds the special tokens
     encode = dict(return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
-    singles = [dict(tokenizer([text], **encode)) for text in texts]
-    together = [dict(tokenizer(texts, padding=True, **encode))]
+    singles = [dict(tokenizer([text], **encode).to(args.device)) for text in texts]
+    together = [dict(tokenizer(texts, padding=True, **encode).to(args.device))]
     eos = ar.generation_config.eos_token_id
     eos_ids = (set(eos) if isinstance(eos, list) else {eos}) if args.stop_at_eos else None
     rows = measure(ar, model, singles, args, "batch 1", eos_ids) + measure(
@@ -235,7 +248,7 @@ def main(argv=None):
 
     print(
         f"model {args.model}, adapter: {adapter}, {args.max_new_tokens} new tokens per prompt, greedy, "
-        f"{args.threads} thread(s), steps per draft {args.steps}, "
+        f"{args.device} {args.dtype}, {args.threads} thread(s), steps per draft {args.steps}, "
         f"{'stopping at EOS' if args.stop_at_eos else 'EOS ignored'}, torch {torch.__version__}"
     )
     print(
