@@ -258,6 +258,7 @@ def main() -> None:
         args.model = default_model_path()
     masking = f"-posdep{args.masking_strength:g}" if args.masking == "position_dependent" else ""
     seed = f"-seed{args.seed}" if args.seed else ""
+    masking += "-first_masked" if args.teacher_positions == "first_masked" else ""
     name = (
         f"{Path(args.model).name}-{args.data}-b{args.block_size}{masking}-t{args.teacher_weight:g}-{args.minutes:g}min"
         f"{seed}"
