@@ -145,6 +145,11 @@ def _check_mc_samples(mc_samples) -> None:
     _check_positive_int("mc_samples", mc_samples, "use e.g. 32 (LLaDA uses 128).")
 
 
+def _check_estimator(estimator) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, got estimator={estimator!r}.")
+
+
 def _check_scorable(model, ids: torch.Tensor, name: str) -> None:
     """Token ids the ELBO can score or condition on: inside the vocabulary, and never the mask token (the model
     reads it as "unknown here" and never predicts it: as a target it scores about -3e38)."""
@@ -402,8 +407,7 @@ def loglikelihood_batch(
     """
     _check_mc_samples(mc_samples)
     _check_positive_int("batch_size", batch_size, "use e.g. 32 (rows per forward pass).")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, got estimator={estimator!r}.")
+    _check_estimator(estimator)
     if estimator == "left_to_right":
         mc_samples = 1  # one deterministic sample: the sum of its rows
     config = model.config
@@ -556,8 +560,7 @@ def nll_per_token(
         `PerplexityBound` (`nll`, `perplexity`, `stderr`, `num_tokens`).
     """
     _check_mc_samples(mc_samples)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, got estimator={estimator!r}.")
+    _check_estimator(estimator)
     max_length = max_length or context_window(model.causal_lm.config)
     if max_length is None:
         raise ValueError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..evaluation import ESTIMATORS
 from ..sources import local_model_path
 from .args import CommandError, build_parser, parse, torch_dtype
 from .convert import ConvertArguments
@@ -40,7 +41,7 @@ class EvalArguments:
         metadata={
             "help": "elbo: the Monte-Carlo ELBO bound; left_to_right: the exact NLL of the model's one-token-per-step "
             "left-to-right sampler (deterministic, --mc_samples unused).",
-            "choices": ["elbo", "left_to_right"],
+            "choices": list(ESTIMATORS),
         },
     )
     tasks: str | None = field(

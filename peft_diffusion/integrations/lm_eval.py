@@ -40,7 +40,7 @@ except ImportError as error:
     ) from error
 
 from ..architectures import context_window
-from ..evaluation import ESTIMATORS, _check_mc_samples, _check_positive_int, loglikelihood_batch
+from ..evaluation import _check_estimator, _check_mc_samples, _check_positive_int, loglikelihood_batch
 from ..model import DiffusionLM
 from ..sources import local_model_path
 
@@ -117,8 +117,7 @@ class DiffusionLMEval(LM):
         if kwargs:
             raise ValueError(f"Unknown model_args for peft_diffusion: {sorted(kwargs)}.")
         _check_mc_samples(mc_samples)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, got estimator={estimator!r}.")
+        _check_estimator(estimator)
         self.estimator = estimator
         if max_batch_size is not None:
             _check_positive_int("max_batch_size", max_batch_size, "use e.g. 64, or leave it out.")
