@@ -256,13 +256,12 @@ def main() -> None:
         from peft_diffusion.cli.defaults import default_model_path
 
         args.model = default_model_path()
-    masking = f"-posdep{args.masking_strength:g}" if args.masking == "position_dependent" else ""
-    seed = f"-seed{args.seed}" if args.seed else ""
-    masking += "-first_masked" if args.teacher_positions == "first_masked" else ""
-    name = (
-        f"{Path(args.model).name}-{args.data}-b{args.block_size}{masking}-t{args.teacher_weight:g}-{args.minutes:g}min"
-        f"{seed}"
-    )
+    # the model, the data and every setting that departs from the recipe, so that runs never share a file
+    parts = [Path(args.model).name, args.data, f"b{args.block_size}"]
+    parts += [f"posdep{args.masking_strength:g}"] if args.masking == "position_dependent" else []
+    parts += ["first_masked"] if args.teacher_positions == "first_masked" else []
+    parts += [f"t{args.teacher_weight:g}", f"{args.minutes:g}min"] + ([f"seed{args.seed}"] if args.seed else [])
+    name = "-".join(parts)
     if args.adapter:  # a saved point: evaluate only (the settings in the name are the caller's word)
         from peft_diffusion import DiffusionLM
 

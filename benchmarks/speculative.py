@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source checkout without an install
 
-from generate import CHAT_PROMPTS  # noqa: E402  (benchmarks/ is the script's folder)
+from generate import CHAT_PROMPTS, synchronize  # noqa: E402  (benchmarks/ is the script's folder)
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from peft_diffusion.cli.demo import answer_length  # noqa: E402
@@ -155,12 +155,6 @@ def runners(ar, model, batch, args) -> dict:
         }
     )
     return table
-
-
-def synchronize(device: str) -> None:
-    """Wait for queued GPU work, so that a timer reads finished work (a no-op on CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(ar, model, batches: list[dict], args, label: str, eos_ids: set[int] | None) -> list[dict]:
