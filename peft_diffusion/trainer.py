@@ -36,11 +36,12 @@ import torch
 from peft import PeftConfig, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from . import _compat
-from .budget import TimeBudget, TimeBudgetSchedule
+from .budget import BudgetProgressCallback, TimeBudget, TimeBudgetSchedule
 from .config import DiffusionConfig
 from .conversion import check_adapter_weights, get_diffusion_model
 from .model import DiffusionLM
@@ -276,6 +277,9 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         self.time_budget = TimeBudget(args.max_train_minutes) if args.max_train_minutes is not None else None
         if self.time_budget is not None:
             self.add_callback(self.time_budget)
+            shown = self.pop_callback(ProgressCallback)  # absent under disable_tqdm: then no bar at all
+            if shown is not None:
+                self.add_callback(BudgetProgressCallback(self.time_budget, max_str_len=shown.max_str_len))
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """`Trainer.create_scheduler`; under `max_train_minutes` a schedule whose progress is the budget spent."""

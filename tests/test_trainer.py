@@ -654,6 +654,40 @@ def test_a_time_budget_stops_training_and_runs_the_schedule_on_the_clock(tmp_pat
     assert "budget" not in state and "shape" not in state  # the clock is never restored from a checkpoint
 
 
+def test_under_a_time_budget_the_progress_bar_counts_the_budget_not_max_steps(tmp_path, monkeypatch, capsys):
+    """HF's bar would read "3/100": under a budget the bar is in the budget's seconds. With a fake clock spending
+    0.3 of a 2-minute budget per step, the bar ends full after 4 steps, with the step count
+    and 36.0 s/step (0.3 * 120 s) in its postfix; without a budget HF's own step bar is left alone."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from peft_diffusion import budget
+
+    now = [1000.0]
+    monkeypatch.setattr(budget.time, "monotonic", lambda: now[0])
+
+    class Tick(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            now[0] += 0.3 * 120
+
+    trainer = make_trainer(tmp_path, max_steps=100, max_train_minutes=2.0, disable_tqdm=False)
+    bars = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback)]
+    assert [type(cb) for cb in bars] == [budget.BudgetProgressCallback]  # replaces HF's, never shown twice
+    trainer.add_callback(Tick())
+    trainer.train()
+    assert trainer.state.global_step == 4  # 0.3, 0.6, 0.9, then past the budget
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [line for line in err if "2-minute budget" in line][-1]
+    assert "100%|" in last and last.endswith("step 4, 36.0 s/step]")
+    assert not any("/100 " in line for line in err)  # no bar over max_steps
+
+    plain = make_trainer(tmp_path, max_steps=2, disable_tqdm=False)
+    assert [type(cb) for cb in plain.callback_handler.callbacks if isinstance(cb, ProgressCallback)] == [
+        ProgressCallback
+    ]
+    quiet = make_trainer(tmp_path, max_steps=2, max_train_minutes=2.0, disable_tqdm=True)
+    assert not any(isinstance(cb, ProgressCallback) for cb in quiet.callback_handler.callbacks)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The AR teacher (teacher_weight)
 # --------------------------------------------------------------------------------------------------------------
