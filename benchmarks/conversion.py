@@ -24,6 +24,14 @@ Measured after training, each beside the base model in the same run:
     python benchmarks/conversion.py --adapter runs/sd5 --out runs/curve      # evaluate a saved point again
     python benchmarks/conversion.py --data stdlib --minutes 5 --teacher-weight 1.0 --out runs/curve
     python benchmarks/conversion.py --model ../shared/models/stories260K --lambada 0 --minutes 5 --out runs/curve
+
+One seed moves a 10-minute point more than most settings do (docs/conversion.md), so compare settings over seeds:
+run each point with `--seed 0`, `--seed 1`, ... into one folder, then `--summary` prints, per setting (the run name
+without its seed), the mean and the range over its seeds of every figure, and how many of the four checkable chat
+answers are right (`ANSWER_CHECKS`: the capital, the square function, the boiling point, two primary colours):
+
+    python benchmarks/conversion.py --data self_distilled --minutes 10 --seed 1 --out runs/curve
+    python benchmarks/conversion.py --summary runs/curve
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -51,6 +61,15 @@ CHAT_PROMPTS = [
     "Name two primary colors.",
     "Explain in one sentence what a noun is.",
 ]
+
+# Chat answers a script can judge (by `CHAT_PROMPTS` index): the capital, a square function (`x ** 2`, `x * x` or
+# `pow(x, 2)`), the boiling point, two primary colours. The tips and the noun sentence need a reader.
+ANSWER_CHECKS = {
+    0: lambda answer: "paris" in answer.lower(),
+    2: lambda answer: re.search(r"\*\*\s*2\b|\b(\w+)\s*\*\s*\1\b|pow\(\s*\w+\s*,\s*2\s*\)", answer) is not None,
+    3: lambda answer: re.search(r"\b100\b", answer) is not None,
+    4: lambda answer: sum(colour in answer.lower() for colour in ("red", "blue", "yellow", "green")) >= 2,
+}
 
 
 def build_dataset(args, base, tokenizer):
@@ -228,6 +247,75 @@ def chat(model, tokenizer, max_new_tokens: int) -> dict:
     return figures
 
 
+def run_name(args: dict, seed: bool = True) -> str:
+    """The model, the data and every setting that departs from the recipe, so that runs never share a file; without
+    `seed`, the setting that `--summary` groups seeds under."""
+    parts = [Path(args["model"]).name, args["data"], f"b{args['block_size']}"]
+    parts += [f"posdep{args['masking_strength']:g}"] if args.get("masking") == "position_dependent" else []
+    parts += ["first_masked"] if args.get("teacher_positions") == "first_masked" else []
+    parts += [f"t{args['teacher_weight']:g}", f"{args['minutes']:g}min"]
+    parts += ["adapter"] if args.get("adapter") else []  # a saved point: its budget and seed are unknown here
+    return "-".join(parts + ([f"seed{args['seed']}"] if seed and args["seed"] else []))
+
+
+def answers_right(result: dict, which: str) -> int | None:
+    """How many of `ANSWER_CHECKS` the `which` answers ("base", "0.9", "0.7") of one run pass; None for story prompts."""
+    prompts_used = result.get("prompts", CHAT_PROMPTS)  # files written before "prompts" was stored: chat runs only
+    answers = result["chat"][which]["answers"]
+    if prompts_used != CHAT_PROMPTS or len(answers) != len(CHAT_PROMPTS):
+        return None
+    return sum(check(answers[index]) for index, check in ANSWER_CHECKS.items())
+
+
+def summary(folder: str) -> None:
+    """Per setting (the run's arguments but its seed), the mean and range over seeds of each figure."""
+    groups: dict[str, list[dict]] = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        result = json.loads(path.read_text())
+        if "heldout_nll" not in result:
+            continue  # not a conversion.py point
+        groups.setdefault(run_name(result["args"], seed=False), []).append(result)
+    if not groups:
+        raise SystemExit(f"--summary: no conversion.py results (*.json) in {folder}")
+    figures = {
+        "steps": lambda r: r["training"]["steps"],
+        "bound gap": lambda r: r["heldout_nll"]["gap"],
+        "LTR gap": lambda r: r["heldout_nll"]["left_to_right_gap"],
+        "LAMBADA (base)": lambda r: r["lambada"] and r["lambada"]["diffusion_accuracy"],
+        "tok/fwd @0.9": lambda r: r["chat"]["0.9"]["tokens_per_forward"],
+        "gen PPL @0.9": lambda r: r["chat"]["0.9"]["gen_ppl"],
+        "distinct-2 @0.9": lambda r: r["chat"]["0.9"]["distinct2"],
+        f"right of {len(ANSWER_CHECKS)} @0.9": lambda r: answers_right(r, "0.9"),
+    }
+    base = {"LAMBADA (base)": lambda r: r["lambada"] and r["lambada"]["base_accuracy"],
+            "gen PPL @0.9": lambda r: r["chat"]["base"]["gen_ppl"],
+            "distinct-2 @0.9": lambda r: r["chat"]["base"]["distinct2"],
+            f"right of {len(ANSWER_CHECKS)} @0.9": lambda r: answers_right(r, "base")}  # fmt: skip
+
+    def cell(values: list) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+
+        def number(value: float) -> str:
+            return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 100 else f"{value:.0f}"
+
+        low, high = min(values), max(values)
+        mean = number(statistics.fmean(values))
+        return mean if low == high else f"{mean} ({number(low)}-{number(high)})"
+
+    print("| setting | seeds | " + " | ".join(figures) + " |")
+    print("|---|---:|" + "---|" * len(figures))
+    for name, results in groups.items():
+        row = []
+        for figure, get in figures.items():
+            text = cell([get(r) for r in results])
+            if figure in base:
+                text += f" vs {cell([base[figure](r) for r in results])}"
+            row.append(text)
+        print(f"| {name} | {len(results)} | " + " | ".join(row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="default: the CLI's SmolLM2-135M-Instruct folder")
@@ -248,7 +336,10 @@ def main() -> None:
     parser.add_argument("--save-adapter", default=None)
     parser.add_argument("--adapter", default=None, help="evaluate this saved adapter instead of training one")
     parser.add_argument("--out", default="runs/conversion")
+    parser.add_argument("--summary", default=None, metavar="FOLDER", help="only summarise the results in FOLDER")
     args = parser.parse_args()
+    if args.summary:
+        return summary(args.summary)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -256,12 +347,7 @@ def main() -> None:
         from peft_diffusion.cli.defaults import default_model_path
 
         args.model = default_model_path()
-    # the model, the data and every setting that departs from the recipe, so that runs never share a file
-    parts = [Path(args.model).name, args.data, f"b{args.block_size}"]
-    parts += [f"posdep{args.masking_strength:g}"] if args.masking == "position_dependent" else []
-    parts += ["first_masked"] if args.teacher_positions == "first_masked" else []
-    parts += [f"t{args.teacher_weight:g}", f"{args.minutes:g}min"] + ([f"seed{args.seed}"] if args.seed else [])
-    name = "-".join(parts)
+    name = run_name(vars(args))
     if args.adapter:  # a saved point: evaluate only (the settings in the name are the caller's word)
         from peft_diffusion import DiffusionLM
 
@@ -289,6 +375,7 @@ def main() -> None:
         "heldout_nll": heldout_nll(model, tokenizer, args.eval_texts),
         "lambada": lambada(model, tokenizer, args.lambada) if args.lambada else None,
         "chat": chat(model, tokenizer, args.max_new_tokens),
+        "prompts": prompts(tokenizer),
     }
     result["eval_minutes"] = (time.perf_counter() - start) / 60
     out = Path(args.out)
