@@ -58,7 +58,8 @@ class DiffusionGenerationConfig(GenerationConfig):
             must be a multiple of it), else to the whole answer.
         sampler (`str` or `Sampler`, defaults to `"confidence"`):
             Which masked positions a step commits first: a key of `samplers.SAMPLERS` (`confidence`, `random`,
-            `margin`, `entropy`, `left_to_right`) or any object with a `confidence(probs, tokens, *, generator)` method.
+            `margin`, `entropy`, `left_to_right`, `prefix`) or any object with a `confidence(probs, tokens, *,
+            generator)` method.
         threshold (`float`, *optional*):
             Fast-dLLM parallel decoding, in `(0, 1]`: a step commits every masked position whose score reaches it,
             and at least the number the plan gives the step (which is then a minimum), so confident blocks end in

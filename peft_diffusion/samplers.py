@@ -36,6 +36,12 @@ Samplers (registry `SAMPLERS`, keys are the `sampler` config values):
     - `left_to_right`: the leftmost masked position first, whatever the model says (`1 / (1 + i)` at window index
       `i`); with one token per step it is the sampler whose exact likelihood `loglikelihood(...,
       estimator="left_to_right")` computes, and a converted AR model's own order.
+    - `prefix`: left to right, in runs: the score of a masked position is the running minimum of the proposed
+      tokens' probabilities over the masked positions from the left up to it. With a `threshold` a step commits the
+      longest run of masked positions from the left whose probabilities all reach it (at least the leftmost one),
+      so a converted AR model decodes in its own order and still commits several tokens where it is sure; with a
+      fixed budget it commits the leftmost ones. A sampler marks this with `contiguous = True`; `step` takes the
+      running minimum, because only it knows which positions are masked.
     Peng et al. 2025 ("Path Planning", arXiv:2502.03540) frame such scores as unmasking planners.
 
 `num_tokens_per_step` is LLaDA's schedule of how many tokens each step commits (an even split over the steps); the
@@ -47,7 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -55,7 +61,9 @@ __all__ = [
     "SAMPLERS",
     "ConfidenceSampler",
     "EntropySampler",
+    "LeftToRightSampler",
     "MarginSampler",
+    "PrefixSampler",
     "RandomSampler",
     "Sampler",
     "get_sampler",
@@ -341,6 +349,21 @@ class LeftToRightSampler:
         return (1.0 / (1.0 + index)).expand(tokens.shape)  # [B, L]
 
 
+@register_sampler("prefix")
+@dataclass(frozen=True)
+class PrefixSampler(ConfidenceSampler):
+    """Left to right in confident runs: scores the proposed token's probability, and `step` turns it into its running
+    minimum over the masked positions from the left (`contiguous`), so the leftmost masked position always scores
+    highest and a position reaches `threshold` only if it and every masked position before it do.
+
+    With `threshold` a step commits the longest such run from the left, and at least the leftmost masked position;
+    never a confident position beyond an unsure one: the order a converted AR model was trained in, with
+    Fast-dLLM's parallelism where the model is sure. With one token per step it is the `left_to_right` sampler.
+    """
+
+    contiguous: ClassVar[bool] = True  # the score is `ConfidenceSampler`'s; `step` takes its running minimum
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Selection rules: which masked positions to commit
 # ----------------------------------------------------------------------------------------------------------------------
@@ -617,8 +640,10 @@ def step(
     )  # [B, L], [B, L, V]
 
     # 2. Scores; only masked positions compete.
-    confidence = scorer.confidence(probs, tokens, generator=generator)  # [B, L]
-    confidence = confidence.float().masked_fill(~is_masked, -math.inf)  # [B, L]
+    confidence = scorer.confidence(probs, tokens, generator=generator).float()  # [B, L]
+    if getattr(scorer, "contiguous", False):  # a run from the left: the running minimum over masked positions
+        confidence = confidence.masked_fill(~is_masked, math.inf).cummin(dim=-1).values  # [B, L]
+    confidence = confidence.masked_fill(~is_masked, -math.inf)  # [B, L]
 
     # 3. Selection.
     if threshold is not None:

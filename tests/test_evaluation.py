@@ -187,6 +187,49 @@ def test_the_left_to_right_sampler_draws_what_the_left_to_right_likelihood_score
     assert loglikelihood(model, CONTEXT, answer, estimator="left_to_right").logprob == pytest.approx(total, abs=1e-4)
 
 
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_the_prefix_sampler_commits_the_leftmost_mask_and_the_confident_run_after_it(block_size):
+    """`sampler="prefix"` with a threshold equals a hand loop of truncated forwards: each step commits the longest
+    run of masked positions from the left of the block whose argmax probabilities all reach the threshold, and at
+    least the leftmost one; never a confident position after an unsure one. With one token per step it is
+    `left_to_right`."""
+    model = diffusion("block", block_size=block_size)
+    length, threshold = 8, 0.011  # the tiny random model's probabilities are about 1/V: 0.011 passes some of them
+    # steps=length: the schedule's minimum is one token per step, so the threshold alone makes a step commit more
+    out = model.generate(torch.tensor([CONTEXT]), max_new_tokens=length, steps=length, threshold=threshold,
+                         sampler="prefix", eos_token_id=[], return_dict_in_generate=True)  # fmt: skip
+    ids, stop, forwards = list(CONTEXT), len(CONTEXT) + length, 0
+    while len(ids) < stop:
+        end = min((len(ids) // block_size + 1) * block_size, stop)  # this block; later blocks absent
+        canvas = ids + [MASK_ID] * (end - len(ids))
+        while MASK_ID in canvas[len(ids) :]:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([canvas])).logits[0].float()  # [L, V]
+            forwards += 1
+            logits[:, MASK_ID] = float("-inf")  # the mask token is never proposed
+            probs, tokens = logits.softmax(-1).max(-1)
+            position = canvas.index(MASK_ID)
+            sure = bool(probs[position] >= threshold)
+            canvas[position] = int(tokens[position])  # the leftmost mask always
+            position += 1
+            while sure and position < end and probs[position] >= threshold:  # then the run, if it began sure
+                canvas[position] = int(tokens[position])
+                position += 1
+        ids = canvas
+    assert out.sequences[0, len(CONTEXT) :].tolist() == ids[len(CONTEXT) :]
+    assert out.nfe == forwards < length  # some step committed a run of two or more
+    confidence = model.generate(torch.tensor([CONTEXT]), max_new_tokens=length, steps=length, threshold=threshold,
+                                sampler="confidence", eos_token_id=[])  # fmt: skip
+    assert confidence[0, len(CONTEXT) :].tolist() != ids[len(CONTEXT) :]  # the rule matters on this model
+    one_per_step = {
+        name: model.generate(
+            torch.tensor([CONTEXT]), max_new_tokens=length, steps=length, sampler=name, eos_token_id=[]
+        ).tolist()  # fmt: skip
+        for name in ("prefix", "left_to_right")
+    }
+    assert one_per_step["prefix"] == one_per_step["left_to_right"]
+
+
 def test_unknown_estimator_is_named():
     with pytest.raises(
         ValueError, match=r"`estimator` must be one of \['elbo', 'left_to_right'\], got estimator='ar'"

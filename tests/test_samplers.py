@@ -258,6 +258,31 @@ def test_sampler_commits_its_preferred_position_first(name, expected_position):
     assert commit[0].nonzero().flatten().tolist() == [expected_position]
 
 
+# Argmax probabilities 0.95, 0.97, 0.50, 0.99, 0.98 at positions 0-4.
+PREFIX_ROWS = [[0.95, 0.05], [0.97, 0.03], [0.50, 0.25, 0.25], [0.99, 0.01], [0.98, 0.02]]
+
+
+@pytest.mark.parametrize(
+    ("masked", "threshold", "budget", "expected"),
+    [
+        ([1, 1, 1, 1, 1], 0.9, 1, [0, 1]),  # the confident run from the left, not the confident 3 and 4 after 2
+        ([0, 1, 1, 1, 1], 0.9, 1, [1]),  # a committed position is skipped; 1 sure, then 2 unsure: stop
+        ([1, 0, 0, 1, 1], 0.9, 1, [0, 3, 4]),  # the run continues across committed (given) positions
+        ([0, 0, 1, 1, 1], 0.9, 1, [2]),  # the leftmost mask is unsure: it alone, not the sure ones after it
+        ([1, 1, 1, 1, 1], None, 3, [0, 1, 2]),  # a fixed budget: the leftmost masks, whatever their scores
+        ([1, 1, 1, 1, 1], 0.9, 3, [0, 1, 2]),  # a budget above the run: still from the left
+    ],
+)
+def test_prefix_commits_the_confident_run_from_the_left(masked, threshold, budget, expected):
+    logits = probs_to_logits(PREFIX_ROWS)
+    is_masked = torch.tensor([masked], dtype=torch.bool)
+    _, commit = step(logits, is_masked, torch.tensor([budget]), sampler="prefix", threshold=threshold)
+    assert commit[0].nonzero().flatten().tolist() == expected
+    if masked == [1, 1, 1, 1, 1] and threshold is not None and budget == 1:  # confidence takes every sure position
+        _, commit = step(logits, is_masked, torch.tensor([budget]), sampler="confidence", threshold=threshold)
+        assert commit[0].nonzero().flatten().tolist() == [0, 1, 3, 4]
+
+
 def test_confidence_is_the_probability_of_the_proposed_token():
     probs = torch.tensor([[[0.1, 0.7, 0.2], [0.3, 0.3, 0.4]]])
     tokens = torch.tensor([[0, 2]])
