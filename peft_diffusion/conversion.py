@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from . import _compat
 from .architectures import check_architecture, is_verified, linear_layers_lora_cannot_wrap
@@ -467,4 +468,15 @@ def load_adapter_model(
                     embedding.weight[old_vocab:] = 0
     config.base_config = base_model.config
     peft_model = load_adapter_strictly(base_model, path, is_trainable=is_trainable, **hub_kwargs)
-    return cls(config, model=peft_model).eval()
+    return restore_generation_config(cls(config, model=peft_model).eval(), path, hub_kwargs)
+
+
+def restore_generation_config(model: DiffusionLM, path, hub_kwargs: dict) -> DiffusionLM:
+    """Give a loaded model the decoding settings saved beside it (`generation_config.json`, written by
+    `save_pretrained`; e.g. the sampler `convert` chose) as a `DiffusionGenerationConfig`: transformers' own
+    `GenerationConfig` drops the diffusion fields, and an adapter load would not read the file at all."""
+    from .generation import DiffusionGenerationConfig
+
+    if _compat.find_file(path, GENERATION_CONFIG_NAME, **hub_kwargs) is not None:
+        model.generation_config = DiffusionGenerationConfig.from_pretrained(path, **hub_kwargs)
+    return model

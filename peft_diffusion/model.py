@@ -561,10 +561,11 @@ class DiffusionLM(PreTrainedModel):
             key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
         }
         adapter_file = _compat.find_file(pretrained_model_name_or_path, ADAPTER_CONFIG_NAME, **hub_kwargs)
-        if adapter_file is None:
-            return _load_full_model(super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs)
+        from .conversion import load_adapter_model, restore_generation_config
 
-        from .conversion import load_adapter_model
+        if adapter_file is None:
+            model = _load_full_model(super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs)
+            return restore_generation_config(model, pretrained_model_name_or_path, hub_kwargs)
 
         return load_adapter_model(
             cls,

@@ -321,7 +321,10 @@ def test_generate_prints_the_prompt_and_the_text(converted_dir, capsys):
     model = DiffusionLM.from_pretrained(converted_dir).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(converted_dir)
     ids = tokenizer("def f(x):", return_tensors="pt").input_ids
-    expected = model.generate(ids, max_new_tokens=8, threshold=0.9)[0, ids.shape[1] :]
+    # `convert` saved its decoding settings (the prefix sampler); the CLI and the library both read them
+    assert json.loads((Path(converted_dir) / "generation_config.json").read_text())["sampler"] == "prefix"
+    assert model.generation_config.sampler == "prefix"
+    expected = model.generate(ids, max_new_tokens=8, threshold=0.9, sampler="prefix")[0, ids.shape[1] :]
     count = answer_length(expected, {tokenizer.eos_token_id})
     assert "\n".join(lines[1:]) == tokenizer.decode(expected[:count], skip_special_tokens=True).strip()
     assert "forwards" in err and "tokens/s" in err

@@ -227,6 +227,7 @@ def test_lora_adapter_round_trip(tmp_path, arch):
     with torch.no_grad():  # make the mask row differ from its initial value, as after training
         model.get_input_embeddings().token_adapter.trainable_tokens_delta["default"].add_(0.5)
     model.eval()
+    model.generation_config.sampler = "prefix"  # a decoding setting saved with the model (as `convert` does)
     ids = random_ids()
     ids[:, 5] = model.config.mask_token_id
     expected = model(input_ids=ids).logits
@@ -238,6 +239,9 @@ def test_lora_adapter_round_trip(tmp_path, arch):
     loaded = DiffusionLM.from_pretrained(tmp_path / "adapter").eval()
     assert loaded.is_peft and loaded.config.block_size == 4 and loaded.config.mask_token_id == VOCAB_SIZE
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+    assert loaded.generation_config.sampler == "prefix"  # and generate uses it by default
+    prompt = ids[:1, :4]
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=6), model.generate(prompt, max_new_tokens=6))
 
     # The adapter is a standard PEFT adapter: stock PeftModel loads it on a (resized) base.
     stock_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
@@ -251,6 +255,7 @@ def test_full_model_round_trip_through_auto_classes(tmp_path, arch):
     model = get_diffusion_model(
         tiny_causal_lm(arch), DiffusionConfig(attention="bidirectional", shift=False, mask_token_id=MASK_ID)
     ).eval()
+    model.generation_config.sampler, model.generation_config.threshold = "prefix", 0.5
     ids = random_ids()
     expected = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
@@ -259,6 +264,8 @@ def test_full_model_round_trip_through_auto_classes(tmp_path, arch):
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
     again = DiffusionLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     torch.testing.assert_close(again(input_ids=ids).logits, expected)
+    for restored in (loaded, again):  # the decoding settings too (transformers' GenerationConfig would drop them)
+        assert (restored.generation_config.sampler, restored.generation_config.threshold) == ("prefix", 0.5)
     if model.causal_lm.config.tie_word_embeddings:
         assert loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
 

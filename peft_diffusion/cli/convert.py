@@ -28,7 +28,7 @@ from .args import (
     threshold_field,
     torch_dtype,
 )
-from .defaults import CONVERT_DEFAULTS
+from .defaults import CONVERT_DECODING, CONVERT_DEFAULTS
 from .demo import DEFAULT_CHAT_PROMPTS, run_demo
 
 # Every field DiffusionConfig declares, except what conversion fills in from the base model.
@@ -182,7 +182,10 @@ def convert(argv: list[str]) -> int:
             f"{result.training_loss:.3f}"
         )
 
-        # 3. save (adapter or full model, diffusion_config.json, the tokenizer with its mask token)
+        # 3. save (adapter or full model, diffusion_config.json, the decoding settings, the tokenizer with its mask
+        # token)
+        for key, value in CONVERT_DECODING.items():
+            setattr(model.generation_config, key, value)
         trainer.save_model(training_args.output_dir)
         tokenizer.save_pretrained(training_args.output_dir)
         print(f"saved to {training_args.output_dir}")

@@ -31,8 +31,12 @@ class GenerateArguments:
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate."})
     steps: int | None = field(default=None, metadata={"help": "Denoising steps in total (default max_new_tokens)."})
     block_length: int | None = field(default=None, metadata={"help": "Tokens per block (default: the model's)."})
-    sampler: str = field(
-        default="confidence", metadata={"help": "Which masked positions a step commits first (`samplers.py`)."}
+    sampler: str | None = field(
+        default=None,
+        metadata={
+            "help": "Which masked positions a step commits first (`samplers.py`). Default: the one saved with the "
+            "model (`prefix` for a model `convert` made), else `confidence`."
+        },
     )
     threshold: float | None = threshold_field(0.9)
     temperature: float = field(default=0.0, metadata={"help": "0 is greedy."})
@@ -147,10 +151,11 @@ def generate(argv: list[str]) -> int:
         max_new_tokens=args.max_new_tokens,
         steps=args.steps,
         block_length=args.block_length,
-        sampler=args.sampler,
         threshold=decoding_threshold(args.threshold),
         return_dict_in_generate=True,
     )
+    if args.sampler is not None:  # else the model's generation config decides
+        settings["sampler"] = args.sampler
     if args.speculative:
         settings["speculative"] = True
         if args.tree_size is not None:
