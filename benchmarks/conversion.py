@@ -17,8 +17,8 @@ Measured after training, each beside the base model in the same run:
     argmax of every target token, the diffusion model by its one-step greedy decoding of the masked word
     (`is_greedy`, as lm-eval's lambada), and the mean log-likelihood of the word (left-to-right estimator);
   - the chat prompts (story openings without a chat template): answers of the base (HF greedy) and of the diffusion
-    model at thresholds 0.9 and 0.7, with tokens per forward, generative perplexity under the base and distinct-2 of
-    the answers.
+    model at thresholds 0.9 and 0.7 (with `--sampler`, by default the one `convert` saves), with tokens per
+    forward, generative perplexity under the base and distinct-2 of the answers.
 
     python benchmarks/conversion.py --data self_distilled --minutes 5 --out runs/curve --save-adapter runs/sd5
     python benchmarks/conversion.py --adapter runs/sd5 --out runs/curve      # evaluate a saved point again
@@ -52,6 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source checkout without an install
 
 from speculative import STORY_PROMPTS  # noqa: E402  (benchmarks/ is the script's folder)
+
+from peft_diffusion.cli.defaults import CONVERT_DECODING  # noqa: E402
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -207,7 +209,7 @@ def prompts(tokenizer) -> list[str]:
 
 
 @torch.no_grad()
-def chat(model, tokenizer, max_new_tokens: int) -> dict:
+def chat(model, tokenizer, max_new_tokens: int, sampler: str) -> dict:
     from peft_diffusion.cli.demo import answer_length, chat_input_ids
     from peft_diffusion.cli.live import id_list
     from peft_diffusion.data import distinct_n
@@ -226,7 +228,7 @@ def chat(model, tokenizer, max_new_tokens: int) -> dict:
         results["base"].append(tokenizer.decode(ar[: answer_length(ar, eos_ids)], skip_special_tokens=True).strip())
         for threshold in ("0.9", "0.7"):
             out = model.generate(input_ids, max_new_tokens=max_new_tokens, threshold=float(threshold),
-                                 return_dict_in_generate=True)  # fmt: skip
+                                 sampler=sampler, return_dict_in_generate=True)  # fmt: skip
             new = out.sequences[0, length:]
             count = answer_length(new, eos_ids)
             counts[threshold][0] += count
@@ -254,6 +256,8 @@ def run_name(args: dict, seed: bool = True) -> str:
     parts += [f"posdep{args['masking_strength']:g}"] if args.get("masking") == "position_dependent" else []
     parts += ["first_masked"] if args.get("teacher_positions") == "first_masked" else []
     parts += [f"t{args['teacher_weight']:g}", f"{args['minutes']:g}min"]
+    sampler = args.get("sampler", "confidence")  # files written before --sampler decoded with `confidence`
+    parts += [] if sampler == CONVERT_DECODING["sampler"] else [sampler]
     parts += ["adapter"] if args.get("adapter") else []  # a saved point: its budget and seed are unknown here
     return "-".join(parts + ([f"seed{args['seed']}"] if seed and args["seed"] else []))
 
@@ -331,6 +335,9 @@ def main() -> None:
     parser.add_argument("--eval-texts", type=int, default=24, help="held-out windows (600-character chunks)")
     parser.add_argument("--lambada", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--sampler", default=CONVERT_DECODING["sampler"], help="of the chat answers (default: convert's)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-adapter", default=None)
@@ -374,7 +381,7 @@ def main() -> None:
         "training": training,
         "heldout_nll": heldout_nll(model, tokenizer, args.eval_texts),
         "lambada": lambada(model, tokenizer, args.lambada) if args.lambada else None,
-        "chat": chat(model, tokenizer, args.max_new_tokens),
+        "chat": chat(model, tokenizer, args.max_new_tokens, args.sampler),
         "prompts": prompts(tokenizer),
     }
     result["eval_minutes"] = (time.perf_counter() - start) / 60
