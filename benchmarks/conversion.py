@@ -63,6 +63,19 @@ CHAT_PROMPTS = [
     "Name two primary colors.",
     "Explain in one sentence what a noun is.",
 ]
+# `--prompts heldout`: 24 more chat prompts (none in the self-distilled data, which the base wrote from its own
+# instructions): enough answers that one odd answer does not move the generative perplexity by a third.
+HELDOUT_PROMPTS = [
+    "What is the largest planet in our solar system?", "Give two reasons to learn a second language.",
+    "Write a Python function that reverses a string.", "What do bees make?", "How many days are in a week?",
+    "Describe a cat in one sentence.", "What is photosynthesis?", "Suggest a name for a pet goldfish.",
+    "Why is the sky blue?", "List three fruits that are red.", "What is the opposite of hot?",
+    "Write a haiku about the sea.", "How do you make a cup of tea?", "What is the capital of Japan?",
+    "Explain what a computer is to a child.", "What is 2 plus 2?", "Give me a tip for sleeping better.",
+    "What language is spoken in Brazil?", "Write a short greeting for a birthday card.", "What is a verb?",
+    "Name a famous painter.", "Why do we need water?", "Write a Python function that adds two numbers.",
+    "What is the freezing point of water in Fahrenheit?",
+]  # fmt: skip
 
 # Chat answers a script can judge (by `CHAT_PROMPTS` index): the capital, a square function (`x ** 2`, `x * x` or
 # `pow(x, 2)`), the boiling point, two primary colours. The tips and the noun sentence need a reader.
@@ -203,13 +216,16 @@ def lambada(model, tokenizer, limit: int) -> dict:
     }
 
 
-def prompts(tokenizer) -> list[str]:
-    """The chat questions for a model with a chat template, story openings (plain text) for one without."""
-    return CHAT_PROMPTS if tokenizer.chat_template else STORY_PROMPTS
+def prompts(tokenizer, which: str = "benchmark") -> list[str]:
+    """The chat questions (`CHAT_PROMPTS`, or `HELDOUT_PROMPTS` for `which="heldout"`) for a model with a chat
+    template, story openings (plain text) for one without."""
+    if not tokenizer.chat_template:
+        return STORY_PROMPTS
+    return HELDOUT_PROMPTS if which == "heldout" else CHAT_PROMPTS
 
 
 @torch.no_grad()
-def chat(model, tokenizer, max_new_tokens: int, sampler: str) -> dict:
+def chat(model, tokenizer, max_new_tokens: int, sampler: str, messages: list[str]) -> dict:
     from peft_diffusion.cli.demo import answer_length, chat_input_ids
     from peft_diffusion.cli.live import id_list
     from peft_diffusion.data import distinct_n
@@ -219,7 +235,7 @@ def chat(model, tokenizer, max_new_tokens: int, sampler: str) -> dict:
     eos_ids = {int(i) for i in eos_ids if i is not None}
     results = {"base": [], "0.9": [], "0.7": []}
     counts = {"0.9": [0, 0], "0.7": [0, 0]}  # tokens, forwards
-    for message in prompts(tokenizer):
+    for message in messages:
         input_ids = chat_input_ids(tokenizer, message)
         length = input_ids.shape[1]
         with model.model.disable_adapter():
@@ -258,6 +274,7 @@ def run_name(args: dict, seed: bool = True) -> str:
     parts += [f"t{args['teacher_weight']:g}", f"{args['minutes']:g}min"]
     sampler = args.get("sampler", "confidence")  # files written before --sampler decoded with `confidence`
     parts += [] if sampler == CONVERT_DECODING["sampler"] else [sampler]
+    parts += ["heldout_prompts"] if args.get("prompts") == "heldout" else []
     parts += ["adapter"] if args.get("adapter") else []  # a saved point: its budget and seed are unknown here
     return "-".join(parts + ([f"seed{args['seed']}"] if seed and args["seed"] else []))
 
@@ -283,8 +300,8 @@ def summary(folder: str) -> None:
         raise SystemExit(f"--summary: no conversion.py results (*.json) in {folder}")
     figures = {
         "steps": lambda r: r["training"]["steps"],
-        "bound gap": lambda r: r["heldout_nll"]["gap"],
-        "LTR gap": lambda r: r["heldout_nll"]["left_to_right_gap"],
+        "bound gap": lambda r: r["heldout_nll"] and r["heldout_nll"]["gap"],
+        "LTR gap": lambda r: r["heldout_nll"] and r["heldout_nll"]["left_to_right_gap"],
         "LAMBADA (base)": lambda r: r["lambada"] and r["lambada"]["diffusion_accuracy"],
         "tok/fwd @0.9": lambda r: r["chat"]["0.9"]["tokens_per_forward"],
         "gen PPL @0.9": lambda r: r["chat"]["0.9"]["gen_ppl"],
@@ -332,7 +349,9 @@ def main() -> None:
     parser.add_argument("--masking-strength", type=float, default=0.0, help="position_dependent only")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-texts", type=int, default=24, help="held-out windows (600-character chunks)")
+    parser.add_argument("--eval-texts", type=int, default=24, help="held-out windows (600-character chunks; 0: skip)")
+    parser.add_argument("--prompts", choices=["benchmark", "heldout"], default="benchmark",
+                        help="chat prompts: the 6 of CHAT_PROMPTS or the 24 of HELDOUT_PROMPTS")  # fmt: skip
     parser.add_argument("--lambada", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument(
@@ -379,10 +398,10 @@ def main() -> None:
         "args": vars(args),
         "data": source,
         "training": training,
-        "heldout_nll": heldout_nll(model, tokenizer, args.eval_texts),
+        "heldout_nll": heldout_nll(model, tokenizer, args.eval_texts) if args.eval_texts else None,
         "lambada": lambada(model, tokenizer, args.lambada) if args.lambada else None,
-        "chat": chat(model, tokenizer, args.max_new_tokens, args.sampler),
-        "prompts": prompts(tokenizer),
+        "chat": chat(model, tokenizer, args.max_new_tokens, args.sampler, prompts(tokenizer, args.prompts)),
+        "prompts": prompts(tokenizer, args.prompts),
     }
     result["eval_minutes"] = (time.perf_counter() - start) / 60
     out = Path(args.out)
@@ -390,14 +409,15 @@ def main() -> None:
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     nll, lam, gen = result["heldout_nll"], result["lambada"], result["chat"]
     print(
-        f"| {name} | {training['steps']} | {nll['diffusion_bound']:.2f} vs {nll['base_exact']:.2f} "
-        f"| {nll['left_to_right']:.2f} (gap {nll['left_to_right_gap']:.2f}) "
+        f"| {name} | {training['steps']} "
+        + (f"| {nll['diffusion_bound']:.2f} vs {nll['base_exact']:.2f} " if nll else "| - ")
+        + (f"| {nll['left_to_right']:.2f} (gap {nll['left_to_right_gap']:.2f}) " if nll else "| - ")
         + (f"| {lam['diffusion_accuracy']:.2f} vs {lam['base_accuracy']:.2f} " if lam else "| - ")
         + f"| {gen['0.9']['tokens_per_forward']:.2f} / {gen['0.7']['tokens_per_forward']:.2f} "
         f"| {gen['0.9']['gen_ppl']:.1f} / {gen['0.7']['gen_ppl']:.1f} vs {gen['base']['gen_ppl']:.1f} "
         f"| {gen['0.9']['distinct2']:.2f} vs {gen['base']['distinct2']:.2f} |"
     )
-    for message, base_answer, answer in zip(prompts(tokenizer), gen["base"]["answers"], gen["0.9"]["answers"]):
+    for message, base_answer, answer in zip(result["prompts"], gen["base"]["answers"], gen["0.9"]["answers"]):
         print(f"> {message}\n  base: {base_answer[:160]!r}\n  0.9 : {answer[:160]!r}")
 
 
