@@ -83,7 +83,7 @@ class BudgetProgressCallback(ProgressCallback):
         if state.is_world_process_zero:
             self.training_bar = tqdm(
                 total=1000,  # thousandths of the run: the budget spent, or the steps of max_steps if further
-                desc=f"training ({self.budget.minutes:.3g}-minute budget)",
+                desc=f"training ({self.budget.minutes:.1f}-minute budget)",
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
                 dynamic_ncols=True,
             )

@@ -676,7 +676,7 @@ def test_under_a_time_budget_the_progress_bar_counts_the_budget_not_max_steps(tm
     trainer.train()
     assert trainer.state.global_step == 4  # 0.3, 0.6, 0.9, then past the budget
     err = capsys.readouterr().err.replace("\r", "\n").splitlines()
-    last = [line for line in err if "2-minute budget" in line][-1]
+    last = [line for line in err if "(2.0-minute budget)" in line][-1]
     assert "100%|" in last and last.endswith("step 4, 36.0 s/step]")
     assert not any("/100 " in line for line in err)  # no bar over max_steps
 
