@@ -280,7 +280,8 @@ def run_name(args: dict, seed: bool = True) -> str:
 
 
 def answers_right(result: dict, which: str) -> int | None:
-    """How many of `ANSWER_CHECKS` the `which` answers ("base", "0.9", "0.7") of one run pass; None for story prompts."""
+    """How many of `ANSWER_CHECKS` the `which` answers ("base", "0.9", "0.7") of one run pass; None unless the run
+    asked `CHAT_PROMPTS` (story openings, `--prompts heldout`)."""
     prompts_used = result.get("prompts", CHAT_PROMPTS)  # files written before "prompts" was stored: chat runs only
     answers = result["chat"][which]["answers"]
     if prompts_used != CHAT_PROMPTS or len(answers) != len(CHAT_PROMPTS):
