@@ -87,7 +87,6 @@ class BudgetProgressCallback(ProgressCallback):
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
                 dynamic_ncols=True,
             )
-        self.current_step = 0
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -96,7 +95,6 @@ class BudgetProgressCallback(ProgressCallback):
             # whichever stop comes first: the budget, or max_steps on a machine fast enough to reach it
             done = max(self.budget.fraction(), state.global_step / state.max_steps if state.max_steps > 0 else 0.0)
             bar.update(round(min(done, 1.0) * bar.total) - bar.n)
-        self.current_step = state.global_step
 
 
 class TimeBudgetSchedule(torch.optim.lr_scheduler.LRScheduler):
