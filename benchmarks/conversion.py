@@ -85,6 +85,20 @@ ANSWER_CHECKS = {
     3: lambda answer: re.search(r"\b100\b", answer) is not None,
     4: lambda answer: sum(colour in answer.lower() for colour in ("red", "blue", "yellow", "green")) >= 2,
 }
+# The same for `HELDOUT_PROMPTS` (by index): facts the base knows (the planet, bees, the week, the opposite of hot,
+# Japan's capital, 2 + 2, Brazil's language, water's freezing point) and two small functions.
+HELDOUT_CHECKS = {
+    0: lambda answer: "jupiter" in answer.lower(),
+    2: lambda answer: re.search(r"\[\s*::\s*-1\s*\]|reversed\(", answer) is not None,
+    3: lambda answer: re.search(r"\bhoney\b", answer.lower()) is not None,
+    4: lambda answer: re.search(r"\b(7|seven)\b", answer.lower()) is not None,
+    10: lambda answer: "cold" in answer.lower(),
+    13: lambda answer: "tokyo" in answer.lower(),
+    15: lambda answer: re.search(r"\b(4|four)\b", answer.lower()) is not None,
+    17: lambda answer: "portuguese" in answer.lower(),
+    22: lambda answer: re.search(r"return\s+\(?\s*(\w+)\s*\+\s*(\w+)", answer) is not None,
+    23: lambda answer: re.search(r"\b32\b", answer) is not None,
+}
 
 
 def build_dataset(args, base, tokenizer):
@@ -124,6 +138,7 @@ def train(args, tokenizer, dataset, output_dir):
         seed=args.seed,
         teacher_weight=args.teacher_weight,
         teacher_positions=args.teacher_positions,
+        certainty_weight=args.certainty_weight,
         model_init_kwargs={"attn_implementation": "sdpa"},
     )
     trainer = DiffusionTrainer(
@@ -271,7 +286,9 @@ def run_name(args: dict, seed: bool = True) -> str:
     parts = [Path(args["model"]).name, args["data"], f"b{args['block_size']}"]
     parts += [f"posdep{args['masking_strength']:g}"] if args.get("masking") == "position_dependent" else []
     parts += ["first_masked"] if args.get("teacher_positions") == "first_masked" else []
-    parts += [f"t{args['teacher_weight']:g}", f"{args['minutes']:g}min"]
+    parts += [f"t{args['teacher_weight']:g}"]
+    parts += [f"certainty{args['certainty_weight']:g}"] if args.get("certainty_weight") else []
+    parts += [f"{args['minutes']:g}min"]
     sampler = args.get("sampler", "confidence")  # files written before --sampler decoded with `confidence`
     parts += [] if sampler == CONVERT_DECODING["sampler"] else [sampler]
     parts += ["heldout_prompts"] if args.get("prompts") == "heldout" else []
@@ -279,14 +296,16 @@ def run_name(args: dict, seed: bool = True) -> str:
     return "-".join(parts + ([f"seed{args['seed']}"] if seed and args["seed"] else []))
 
 
-def answers_right(result: dict, which: str) -> int | None:
-    """How many of `ANSWER_CHECKS` the `which` answers ("base", "0.9", "0.7") of one run pass; None unless the run
-    asked `CHAT_PROMPTS` (story openings, `--prompts heldout`)."""
+def answers_right(result: dict, which: str) -> float | None:
+    """The share of the checkable answers (`ANSWER_CHECKS` for `CHAT_PROMPTS`, `HELDOUT_CHECKS` for
+    `HELDOUT_PROMPTS`) among the `which` answers ("base", "0.9", "0.7") of one run that pass; None for other
+    prompts (story openings)."""
     prompts_used = result.get("prompts", CHAT_PROMPTS)  # files written before "prompts" was stored: chat runs only
     answers = result["chat"][which]["answers"]
-    if prompts_used != CHAT_PROMPTS or len(answers) != len(CHAT_PROMPTS):
-        return None
-    return sum(check(answers[index]) for index, check in ANSWER_CHECKS.items())
+    for prompts, checks in ((CHAT_PROMPTS, ANSWER_CHECKS), (HELDOUT_PROMPTS, HELDOUT_CHECKS)):
+        if prompts_used == prompts and len(answers) == len(prompts):
+            return sum(check(answers[index]) for index, check in checks.items()) / len(checks)
+    return None
 
 
 def summary(folder: str) -> None:
@@ -307,12 +326,12 @@ def summary(folder: str) -> None:
         "tok/fwd @0.9": lambda r: r["chat"]["0.9"]["tokens_per_forward"],
         "gen PPL @0.9": lambda r: r["chat"]["0.9"]["gen_ppl"],
         "distinct-2 @0.9": lambda r: r["chat"]["0.9"]["distinct2"],
-        f"right of {len(ANSWER_CHECKS)} @0.9": lambda r: answers_right(r, "0.9"),
+        "answers right @0.9": lambda r: answers_right(r, "0.9"),
     }
     base = {"LAMBADA (base)": lambda r: r["lambada"] and r["lambada"]["base_accuracy"],
             "gen PPL @0.9": lambda r: r["chat"]["base"]["gen_ppl"],
             "distinct-2 @0.9": lambda r: r["chat"]["base"]["distinct2"],
-            f"right of {len(ANSWER_CHECKS)} @0.9": lambda r: answers_right(r, "base")}  # fmt: skip
+            "answers right @0.9": lambda r: answers_right(r, "base")}  # fmt: skip
 
     def cell(values: list) -> str:
         values = [v for v in values if v is not None]
@@ -345,6 +364,7 @@ def main() -> None:
     parser.add_argument("--distill-examples", type=int, default=128)
     parser.add_argument("--teacher-weight", type=float, default=0.0)
     parser.add_argument("--teacher-positions", default="masked")
+    parser.add_argument("--certainty-weight", type=float, default=0.0, help="dParallel's certainty forcing (0: off)")
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--masking", choices=["uniform", "position_dependent"], default="uniform")
     parser.add_argument("--masking-strength", type=float, default=0.0, help="position_dependent only")

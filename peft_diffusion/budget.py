@@ -61,7 +61,7 @@ class TimeBudget(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.fraction() >= 1.0 and not control.should_training_stop:
             logger.warning(
-                "Stopping: the %g-minute training budget (max_train_minutes) is spent after step %d.",
+                "Stopping: the %.3g-minute training budget (max_train_minutes) is spent after step %d.",
                 self.minutes,
                 state.global_step,
             )

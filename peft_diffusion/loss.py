@@ -13,7 +13,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NORMALIZATIONS", "TEACHER_POSITIONS", "DiffusionLossOutput", "diffusion_loss", "teacher_kl"]
+__all__ = [
+    "NORMALIZATIONS",
+    "TEACHER_POSITIONS",
+    "DiffusionLossOutput",
+    "certainty_entropy",
+    "diffusion_loss",
+    "teacher_kl",
+]
 
 NORMALIZATIONS = ("targets", "masked")
 
@@ -168,3 +175,33 @@ def teacher_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, is_scored: to
     probability = teacher.exp()  # [N, vocab]
     terms = torch.where(probability > 0, probability * (teacher - student), 0.0)  # [N, vocab]
     return kl.index_put(rows, terms.sum(-1))
+
+
+def certainty_entropy(
+    logits: torch.Tensor, input_ids: torch.Tensor, is_scored: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """The entropy of `softmax(logits / temperature)` at each scored position whose argmax is already the target,
+    0 elsewhere: the certainty-forcing term of dParallel (arXiv 2509.26488), which sharpens the predictions the model
+    gets right so that threshold decoding can commit several of them in one forward.
+
+    Args:
+        logits (`torch.Tensor` of shape `[B, L, V]`): the student's position-aligned logits (with grad).
+        input_ids (`torch.LongTensor` of shape `[B, L]`): the clean tokens x_0 (the targets).
+        is_scored (`torch.BoolTensor` of shape `[B, L]`): the masked targets.
+        temperature (`float`, defaults to 1.0): the entropy is taken at this softmax temperature (the argmax does not
+            depend on it).
+
+    Returns:
+        `torch.Tensor` of shape `[B, L]`, float32; the gradient reaches `logits` through the scored rows whose argmax
+        is the target only.
+    """
+    entropy = torch.zeros(is_scored.shape, dtype=torch.float32, device=logits.device)  # [B, L]
+    rows = is_scored.nonzero(as_tuple=True)
+    if rows[0].numel() == 0:
+        return entropy + 0.0 * logits[..., :1].sum()  # on the graph, like the loss when nothing is masked
+    scaled = logits[rows].float() / temperature  # [N, V]
+    right = scaled.argmax(-1) == input_ids[rows]  # [N]
+    log_p = F.log_softmax(scaled, dim=-1)  # [N, V]
+    log_p = torch.where(torch.isfinite(log_p), log_p, 0.0)  # a token with no mass (such as the mask) adds 0
+    terms = -(log_p.exp() * log_p).sum(-1)  # [N]
+    return entropy.index_put(rows, torch.where(right, terms, 0.0))

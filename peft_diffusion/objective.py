@@ -25,7 +25,7 @@ import torch
 
 from .attention import positions_from_inputs
 from .corruption import complementary, corrupt, masked_corruption
-from .loss import TEACHER_POSITIONS, diffusion_loss, teacher_kl
+from .loss import TEACHER_POSITIONS, certainty_entropy, diffusion_loss, teacher_kl
 from .noise import expand_time, group_time, sample_time
 
 __all__ = ["MEAN_METRICS", "T_BUCKET_EDGES", "ObjectiveOutput", "diffusion_objective", "reduce_metrics"]
@@ -37,7 +37,7 @@ T_BUCKET_NAMES = tuple(
     f"masked_ce_by_t/{lo:.2f}-{hi:.2f}" for lo, hi in zip((0.0, *T_BUCKET_EDGES), (*T_BUCKET_EDGES, 1.0))
 )
 # Metrics logged as the mean of their per-step values.
-MEAN_METRICS = ("masked_ce", "mean_t", "masked_fraction", "teacher_kl")
+MEAN_METRICS = ("masked_ce", "mean_t", "masked_fraction", "teacher_kl", "certainty_entropy")
 
 
 @dataclass
@@ -74,6 +74,8 @@ def diffusion_objective(
     teacher_logits: torch.Tensor | None = None,
     teacher_weight: float = 0.0,
     teacher_positions: str = "masked",
+    certainty_weight: float = 0.0,
+    certainty_temperature: float = 1.0,
     **forward_kwargs,
 ) -> ObjectiveOutput:
     """The masked-diffusion loss (DiffuLLaMA eq. for L_t, MDLM): corrupt the targets, predict them, weight by 1/t.
@@ -90,7 +92,10 @@ def diffusion_objective(
     6. with `teacher_logits` (the AR base's next-token logits on the clean text, aligned: `teacher_logits[:, i]`
        predicts token i) and `teacher_weight > 0`: plus `teacher_weight * sum KL(teacher || student) / normalizer`
        over the masked targets (`teacher_positions`: all, or the first masked target of each attention block) that
-       the teacher predicts (not a document's first token), with the ELBO's normalizer.
+       the teacher predicts (not a document's first token), with the ELBO's normalizer;
+    7. with `certainty_weight > 0`: plus `certainty_weight * sum H / normalizer`, the entropy at
+       `certainty_temperature` of the masked targets the model already predicts right (`loss.certainty_entropy`,
+       dParallel's certainty forcing), with the ELBO's normalizer.
 
     Args: see `DiffusionLM.forward`; `forward_kwargs` go to the model's forward on x_t.
     """
@@ -185,6 +190,12 @@ def diffusion_objective(
         kl = teacher_kl(outputs.logits, repeated(teacher_logits), scored)  # [B or 2B, L]
         loss = loss + teacher_weight * kl.sum() / result.normalizer
         metrics["teacher_kl"] = (kl.sum() / scored.sum().clamp(min=1)).detach()
+    # 7. certainty forcing
+    if certainty_weight > 0:
+        scored = all_masked & repeated(is_target)  # [B or 2B, L]
+        entropy = certainty_entropy(outputs.logits, repeated(input_ids), scored, certainty_temperature)  # [B or 2B, L]
+        loss = loss + certainty_weight * entropy.sum() / result.normalizer
+        metrics["certainty_entropy"] = (entropy.sum() / scored.sum().clamp(min=1)).detach()
     return ObjectiveOutput(loss=loss, logits=outputs.logits, metrics=metrics)
 
 

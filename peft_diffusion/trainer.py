@@ -368,13 +368,16 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
         # 2. forward: `num_items_in_batch` (the Trainer's target count over accumulated micro-batches) normalises the
         # per-target ELBO; the per-masked-token mean ("masked") has no such count
         per_target = args.loss_normalization == "targets"
-        teacher = {}
+        terms = {}  # the optional terms beside the ELBO, training only
         if training and args.teacher_weight > 0:
-            teacher = {
+            terms = {
                 "teacher_logits": self._teacher_logits(inputs),
                 "teacher_weight": args.teacher_weight,
                 "teacher_positions": args.teacher_positions,
             }
+        if training and args.certainty_weight > 0:
+            terms["certainty_weight"] = args.certainty_weight
+            terms["certainty_temperature"] = args.certainty_temperature
         outputs = model(
             input_ids=inputs["input_ids"],
             labels=inputs["labels"],
@@ -386,7 +389,7 @@ class DiffusionTrainer(_compat.CheckpointLoading, SFTTrainer):
             normalization=args.loss_normalization if training else "targets",
             generator=None if training else self._eval_generator,
             num_items_in_batch=num_items_in_batch if training and per_target else None,
-            **teacher,
+            **terms,
         )
         loss = outputs.loss
         # 3. token averaging across ranks; a per-masked-token mean is taken per micro-batch instead, and the Trainer,

@@ -55,6 +55,14 @@ class DiffusionTrainingConfig(SFTConfig):
             Where the teacher is compared: `"masked"`, every masked target; `"first_masked"`, the first masked target
             of each attention block (where the student's left context inside the block is as complete as the
             teacher's: the token a left-to-right draft commits first).
+        certainty_weight (`float`, defaults to 0.0):
+            Weight of the certainty-forcing term (dParallel, arXiv 2509.26488): the entropy of the student's
+            prediction at each masked target it already predicts right (argmax = target), normalised as the ELBO.
+            It sharpens right predictions so that threshold decoding commits more tokens per forward; it is meant for
+            data the model should reproduce exactly, such as the base's greedy answers (`self_distilled_dataset`).
+            0: off.
+        certainty_temperature (`float`, defaults to 1.0):
+            The softmax temperature at which that entropy is taken.
         max_train_minutes (`float`, *optional*):
             A wall-clock budget for `train()`, in minutes: training stops after the optimizer step that spends it,
             and the learning-rate schedule (`linear`, `cosine`, `constant`, `constant_with_warmup`) runs on time, so
@@ -120,6 +128,16 @@ class DiffusionTrainingConfig(SFTConfig):
         default="masked",
         metadata={"help": "Where the AR teacher is compared: 'masked' (every masked target) or 'first_masked'."},
     )
+    certainty_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the certainty-forcing term (dParallel): the entropy of the masked targets the model "
+            "already predicts right, so threshold decoding commits more tokens per forward; 0 turns it off."
+        },
+    )
+    certainty_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature of the certainty-forcing entropy (> 0)."}
+    )
     max_train_minutes: float | None = field(
         default=None,
         metadata={
@@ -166,6 +184,12 @@ class DiffusionTrainingConfig(SFTConfig):
         weight = self.teacher_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ValueError(f"`teacher_weight` must be a number >= 0 (0: off), got teacher_weight={weight!r}.")
+        for name in ("certainty_weight", "certainty_temperature"):
+            value = getattr(self, name)
+            low_ok = value >= 0 if name == "certainty_weight" else value > 0
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value < math.inf):
+                bound = ">= 0 (0: off)" if name == "certainty_weight" else "> 0"
+                raise ValueError(f"`{name}` must be a number {bound}, got {name}={value!r}.")
         if self.teacher_positions not in TEACHER_POSITIONS:
             raise ValueError(
                 f"`teacher_positions` must be one of {list(TEACHER_POSITIONS)}, got "

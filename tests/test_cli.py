@@ -306,6 +306,30 @@ def test_wall_clock_budget_stops_training(tiny_model_dir, tmp_path, capsys):
     assert "trained 1 steps" in out and "minute budget is spent (step 1)" in out
 
 
+def test_a_slow_data_step_still_leaves_the_training_share_of_the_budget(tiny_model_dir, tmp_path, capsys,
+                                                                      monkeypatch):  # fmt: skip
+    """Loading and the data "take" 10 of the 4 minutes (a clock that jumps): training still gets a quarter."""
+    import types
+
+    from peft_diffusion.cli import convert as convert_module
+    from peft_diffusion.trainer import DiffusionTrainer
+
+    clock = iter([0.0, 600.0])
+    monkeypatch.setattr(convert_module, "time", types.SimpleNamespace(monotonic=lambda: next(clock, 600.0)))
+    granted = []
+    train = DiffusionTrainer.train
+    monkeypatch.setattr(DiffusionTrainer, "train", lambda self, **kw: granted.append(self.time_budget.minutes)
+                        or train(self, **kw))  # fmt: skip
+    code, out, err = run(
+        ["convert", "--model", tiny_model_dir, "--output_dir", tmp_path, "--max_train_minutes", 4, "--demo", "false",
+         "--max_steps", 1, "--per_device_train_batch_size", 2, "--max_length", 32, "--stdlib_files", 2],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert granted == [pytest.approx(1.0)]  # 0.25 x 4 minutes
+    assert "loading and the data took 10.0 of the 4-minute budget; training gets 1.0 minutes" in out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # generate and eval
 # ----------------------------------------------------------------------------------------------------------------
@@ -513,6 +537,7 @@ FAULTS = {
         (["convert", "--config", "{bad_yaml}"], 2, "is not valid YAML: expected ',' or ']'"),
         (["convert", "--config", "{list_yaml}"], 2, "must hold a YAML mapping"),
         (["convert", "--model", "{tiny}", "--block_size", "0"], 1, "block_size"),
+        (["convert", "--model", "{tiny}", "--min_train_share", "2"], 1, "--min_train_share must be in [0, 1]"),
         (["convert", "--model", "{tiny}", "--dataset", "{bad_jsonl}"], 1, "--text-field"),
         (["convert", "--model", "{tiny}", "--dataset", "./missing.txt"], 1, "--dataset"),
         (["convert", "--model", "{tiny}", "--dataset", "{garbage_jsonl}"], 1, "cannot be read as JSONL"),

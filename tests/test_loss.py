@@ -208,6 +208,49 @@ def test_teacher_kl_is_zero_when_the_student_is_the_teacher():
     assert teacher_kl(logits, logits.clone(), torch.ones(1, 4, dtype=torch.bool)).abs().max() < 1e-6
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Certainty forcing (dParallel)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_certainty_entropy_is_the_hand_entropy_of_the_right_predictions_only(temperature):
+    from peft_diffusion.loss import certainty_entropy
+
+    logits, input_ids, is_masked, is_target, _ = _batch()
+    input_ids = input_ids.clone()
+    input_ids[0, :3] = logits[0, :3].argmax(-1)  # some targets the model predicts right
+    logits[..., MASK_ID] = float("-inf")  # a token without mass adds nothing (and no NaN)
+    logits.requires_grad_(True)
+    is_scored = is_masked & is_target
+    entropy = certainty_entropy(logits, input_ids, is_scored, temperature)
+    right = is_scored & (logits.argmax(-1) == input_ids)
+    assert right.any() and (is_scored & ~right).any()  # both kinds are in the batch
+    for b in range(2):
+        for i in range(6):
+            if not right[b, i]:
+                assert entropy[b, i] == 0
+                continue
+            q = [math.exp(v / temperature) for v in logits[b, i].tolist()]
+            expected = -sum(v / sum(q) * math.log(v / sum(q)) for v in q if v > 0)
+            assert entropy[b, i].item() == pytest.approx(expected, rel=1e-5)
+    entropy.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[~right] == 0).all() and (logits.grad[right].abs().sum(-1) > 0).all()
+    # a small step against the gradient sharpens every right prediction (its top probability rises)
+    top = torch.softmax(logits.detach(), -1).max(-1).values
+    stepped = torch.softmax(logits.detach() - 0.1 * logits.grad, -1).max(-1).values
+    assert (stepped[right] > top[right]).all()
+
+
+def test_certainty_entropy_of_nothing_scored_is_zero_and_on_the_graph():
+    from peft_diffusion.loss import certainty_entropy
+
+    logits = torch.randn(1, 4, VOCAB, requires_grad=True)
+    entropy = certainty_entropy(logits, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool))
+    assert entropy.abs().max() == 0 and entropy.requires_grad
+
+
 def test_first_in_block_keeps_the_first_set_position_of_each_block_and_document():
     from peft_diffusion.objective import first_in_block
 

@@ -744,6 +744,51 @@ def test_the_ar_teacher_is_the_base_model_and_its_term_is_the_kl_at_masked_targe
     assert (with_teacher.loss - plain.loss).item() == pytest.approx(0.5 * kl_sum.item() / num_targets.item(), rel=1e-4)
 
 
+def test_the_certainty_term_adds_the_entropy_of_the_right_masked_predictions(tmp_path):
+    """`certainty_weight` adds exactly weight * sum H(student) / targets over the masked targets whose argmax is
+    the target (the entropy by hand, from the logits of the plain forward)."""
+    trainer = make_trainer(tmp_path, max_steps=1)
+    model = trainer.model
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels = batch["labels"]
+    generator = torch.Generator().manual_seed(0)
+    is_masked = (torch.rand(labels.shape, generator=generator) < 0.7) & (labels != -100)
+    input_ids, labels = batch["input_ids"].clone(), labels.clone()
+    common = dict(input_ids=input_ids, labels=labels, attention_mask=batch.get("attention_mask"),
+                  t=torch.full((labels.shape[0],), 0.7), is_masked=is_masked)  # fmt: skip
+    real = batch["attention_mask"].bool()
+    positions = real.long().cumsum(1) - 1
+    scored = is_masked & real & (positions > 0)
+    model.eval()
+    with torch.no_grad():
+        # make the first masked targets of row 0 the model's own prediction, left to right (a masked token only
+        # reaches later blocks, through the clean context, so an earlier prediction never changes)
+        for index in scored[0].nonzero().flatten()[:4].tolist():
+            guess = model(**common).logits[0, index].argmax()
+            if guess != model.config.mask_token_id:
+                input_ids[0, index] = labels[0, index] = guess
+        plain = model(**common)
+        forced = model(**common, certainty_weight=0.3, certainty_temperature=0.5)
+        logits = plain.logits.double()
+    right = scored & (logits.argmax(-1) == input_ids)
+    probability = torch.softmax(logits[right] / 0.5, -1)
+    entropy_sum = -torch.special.xlogy(probability, probability).sum()  # 0 log 0 = 0 (the mask token)
+    num_targets = ((labels != -100) & real & (positions > 0)).sum()
+    assert right.sum() >= 2 and (scored & ~right).any()  # right and wrong predictions: the term is not all or none
+    assert (forced.loss - plain.loss).item() == pytest.approx(0.3 * entropy_sum.item() / num_targets.item(), rel=1e-4)
+
+
+def test_training_with_certainty_forcing_logs_its_entropy_and_checks_its_arguments(tmp_path):
+    trainer = make_trainer(tmp_path, certainty_weight=1.0, max_steps=2)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "certainty_entropy" in entry]
+    assert logged and all(entry["certainty_entropy"] >= 0 for entry in logged)
+    with pytest.raises(ValueError, match=r"`certainty_weight` must be a number >= 0.*certainty_weight=-1"):
+        training_args(tmp_path, certainty_weight=-1)
+    with pytest.raises(ValueError, match=r"`certainty_temperature` must be a number > 0.*certainty_temperature=0"):
+        training_args(tmp_path, certainty_temperature=0)
+
+
 def test_training_with_the_teacher_logs_its_kl_and_full_finetuning_refuses_it(tmp_path):
     trainer = make_trainer(tmp_path, teacher_weight=1.0, teacher_positions="first_masked", max_steps=2)
     trainer.train()

@@ -73,6 +73,13 @@ class ConvertArguments:
         default=128,
         metadata={"help": "Longest self-distilled answer; longer ones are trimmed to their last sentence end."},
     )
+    min_train_share: float = field(
+        default=0.25,
+        metadata={
+            "help": "--max_train_minutes counts from the start of the command; when loading and building the data "
+            "leave less than this share of it, training still gets this share (the run then overruns the budget)."
+        },
+    )
     full: bool = field(default=False, metadata={"help": "Full finetuning instead of LoRA."})
     overwrite_output_dir: bool = field(
         default=False,
@@ -125,6 +132,10 @@ def convert(argv: list[str]) -> int:
 
     script_args, diffusion_args, training_args, model_args = parse(convert_parser(), argv)
     started = time.monotonic()
+    if not 0 <= script_args.min_train_share <= 1:
+        raise CommandError(
+            f"--min_train_share must be in [0, 1] (a share of --max_train_minutes), got {script_args.min_train_share}."
+        )
     diffusion_config = diffusion_args.to_config()
     # 1. the checkpoint and the data
     model_path, dataset, tokenizer = _checkpoint_and_data(script_args, training_args, model_args)
@@ -164,12 +175,21 @@ def convert(argv: list[str]) -> int:
             f"{'full finetuning' if script_args.full else 'LoRA'}: {trainable / 1e6:.2f}M trainable parameters"
         )
         if trainer.time_budget is not None:  # on the command line the budget counts from the start of the command
+            budget = training_args.max_train_minutes
             spent = (time.monotonic() - started) / 60
-            trainer.time_budget.minutes = max(trainer.time_budget.minutes - spent, 1e-6)  # spent: one step
-            print(
-                f"training budget: {trainer.time_budget.minutes:.1f} of {training_args.max_train_minutes:g} minutes "
-                f"left after loading (--max_train_minutes counts from the start of the command)"
-            )
+            floor = script_args.min_train_share * budget
+            trainer.time_budget.minutes = max(budget - spent, floor, 1e-6)  # 1e-6: one step
+            if budget - spent < floor:
+                print(
+                    f"Warning: loading and the data took {spent:.1f} of the {budget:g}-minute budget; training gets "
+                    f"{trainer.time_budget.minutes:.1f} minutes (--min_train_share {script_args.min_train_share:g}), "
+                    "so the run ends after the budget. The data is cached: a second run trains longer."
+                )
+            else:
+                print(
+                    f"training budget: {trainer.time_budget.minutes:.1f} of {budget:g} minutes left after loading "
+                    "(--max_train_minutes counts from the start of the command)"
+                )
         train_start = time.monotonic()
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         train_seconds = time.monotonic() - train_start
