@@ -184,12 +184,18 @@ class DiffusionTrainingConfig(SFTConfig):
         weight = self.teacher_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ValueError(f"`teacher_weight` must be a number >= 0 (0: off), got teacher_weight={weight!r}.")
-        for name in ("certainty_weight", "certainty_temperature"):
-            value = getattr(self, name)
-            low_ok = value >= 0 if name == "certainty_weight" else value > 0
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value < math.inf):
-                bound = ">= 0 (0: off)" if name == "certainty_weight" else "> 0"
-                raise ValueError(f"`{name}` must be a number {bound}, got {name}={value!r}.")
+        weight = self.certainty_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise ValueError(f"`certainty_weight` must be a number >= 0 (0: off), got certainty_weight={weight!r}.")
+        temperature = self.certainty_temperature
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not 0 < temperature < math.inf
+        ):
+            raise ValueError(
+                f"`certainty_temperature` must be a number > 0, got certainty_temperature={temperature!r}."
+            )
         if self.teacher_positions not in TEACHER_POSITIONS:
             raise ValueError(
                 f"`teacher_positions` must be one of {list(TEACHER_POSITIONS)}, got "

@@ -183,7 +183,7 @@ def convert(argv: list[str]) -> int:
                 print(
                     f"Warning: loading and the data took {spent:.1f} of the {budget:g}-minute budget; training gets "
                     f"{trainer.time_budget.minutes:.1f} minutes (--min_train_share {script_args.min_train_share:g}), "
-                    "so the run ends after the budget. The data is cached: a second run trains longer."
+                    "so the run ends after the budget. Downloads and built data are cached: a second run trains longer."
                 )
             else:
                 print(
