@@ -31,22 +31,23 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source checkout without an install
 
-from conversion import HELDOUT_PROMPTS, STORY_PROMPTS  # noqa: E402  (benchmarks/ is the script's folder)
+from conversion import prompts  # noqa: E402  (benchmarks/ is the script's folder)
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from peft_diffusion import DiffusionLM  # noqa: E402
 from peft_diffusion._compat import CACHE_KWARG, output_cache  # noqa: E402
 from peft_diffusion.cli.demo import answer_length, chat_input_ids  # noqa: E402
+from peft_diffusion.cli.live import id_list  # noqa: E402
 
 THRESHOLDS = (0.9, 0.7)
 
 
 def base_answers(base, tokenizer, max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, the base's greedy answer ids up to and including EOS) per prompt."""
-    messages = HELDOUT_PROMPTS if tokenizer.chat_template else STORY_PROMPTS
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = {int(i) for i in {tokenizer.eos_token_id, *id_list(base.generation_config.eos_token_id)} if i is not None}
     rows = []
-    for message in tqdm(messages, desc="base answers"):
+    for message in tqdm(prompts(tokenizer, "heldout"), desc="base answers"):
         ids = chat_input_ids(tokenizer, message)
         out = base.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         answer = out[0, ids.shape[1] :]
@@ -159,11 +160,9 @@ def main() -> None:
     base = load_base()
     rows = base_answers(base, tokenizer, args.max_new_tokens)
     results = {"base": figures(base_pairs(base, rows, args.top_k))}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for adapter in args.adapter:
-        from peft_diffusion import DiffusionLM
-
         model = DiffusionLM.from_pretrained(adapter, base_model=load_base()).eval()  # loading resizes its base
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         results[adapter] = figures(adapter_pairs(model, rows, pad_id))
     print(f"\n{Path(args.model).name}: {len(rows)} answers, {results['base']['pairs']} pairs of tokens, top-k "
           f"{args.top_k}, {time.perf_counter() - start:.0f} s")  # fmt: skip

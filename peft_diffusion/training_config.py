@@ -181,21 +181,9 @@ class DiffusionTrainingConfig(SFTConfig):
                 f"`time_eps` must be in (0, 1), got time_eps={self.time_eps!r}; t is drawn from U(time_eps, 1), "
                 "a typical value is 1e-3."
             )
-        weight = self.teacher_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
-            raise ValueError(f"`teacher_weight` must be a number >= 0 (0: off), got teacher_weight={weight!r}.")
-        weight = self.certainty_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
-            raise ValueError(f"`certainty_weight` must be a number >= 0 (0: off), got certainty_weight={weight!r}.")
-        temperature = self.certainty_temperature
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not 0 < temperature < math.inf
-        ):
-            raise ValueError(
-                f"`certainty_temperature` must be a number > 0, got certainty_temperature={temperature!r}."
-            )
+        _check_number("teacher_weight", self.teacher_weight, positive=False)
+        _check_number("certainty_weight", self.certainty_weight, positive=False)
+        _check_number("certainty_temperature", self.certainty_temperature, positive=True)
         if self.teacher_positions not in TEACHER_POSITIONS:
             raise ValueError(
                 f"`teacher_positions` must be one of {list(TEACHER_POSITIONS)}, got "
@@ -228,3 +216,13 @@ class DiffusionTrainingConfig(SFTConfig):
                 f"batches have no padding (packing={self.packing}, padding_free={self.padding_free}); use "
                 "eos_policy='none' with packing, or packing=False."
             )
+
+
+def _check_number(name: str, value, *, positive: bool) -> None:
+    """Raise `ValueError` naming `name` unless `value` is a finite real number > 0 (`positive`) or >= 0 (0: off)."""
+    low_ok = (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 if positive else value >= 0)
+    )
+    if not (low_ok and value < math.inf):
+        bound = "> 0" if positive else ">= 0 (0: off)"
+        raise ValueError(f"`{name}` must be a number {bound}, got {name}={value!r}.")

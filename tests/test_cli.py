@@ -316,10 +316,14 @@ def test_a_slow_data_step_still_leaves_the_training_share_of_the_budget(tiny_mod
 
     clock = iter([0.0, 600.0])
     monkeypatch.setattr(convert_module, "time", types.SimpleNamespace(monotonic=lambda: next(clock, 600.0)))
-    granted = []
+    granted = []  # the training minutes each train() call was given
     train = DiffusionTrainer.train
-    monkeypatch.setattr(DiffusionTrainer, "train", lambda self, **kw: granted.append(self.time_budget.minutes)
-                        or train(self, **kw))  # fmt: skip
+
+    def recording_train(self, **kwargs):
+        granted.append(self.time_budget.minutes)
+        return train(self, **kwargs)
+
+    monkeypatch.setattr(DiffusionTrainer, "train", recording_train)
     code, out, err = run(
         ["convert", "--model", tiny_model_dir, "--output_dir", tmp_path, "--max_train_minutes", 4, "--demo", "false",
          "--max_steps", 1, "--per_device_train_batch_size", 2, "--max_length", 32, "--stdlib_files", 2],
