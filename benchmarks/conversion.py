@@ -114,7 +114,14 @@ def build_dataset(args, base, tokenizer):
         base, tokenizer, num_examples=args.distill_examples, max_new_tokens=128, cut_completions="trim"
     )
     stats = DistillationStats.from_dataset(dataset)
-    return dataset, f"self-distilled ({stats.summary()}; loaded in {time.perf_counter() - start:.0f} s)"
+    source = f"self-distilled ({stats.summary()}; loaded in {time.perf_counter() - start:.0f} s)"
+    if args.text_share:
+        from peft_diffusion import mix_plain_text
+
+        rows = len(dataset)
+        dataset = mix_plain_text(dataset, tokenizer, share=args.text_share, seed=args.seed)
+        source += f", plus {len(dataset) - rows} standard-library windows (share {args.text_share:g})"
+    return dataset, source
 
 
 def train(args, tokenizer, dataset, output_dir):
@@ -191,6 +198,63 @@ def heldout_nll(model, tokenizer, num_texts: int) -> dict:
         "left_to_right": ltr.nll,
         "left_to_right_gap": ltr.nll - exact,
     }
+
+
+def raw_text_sets(count: int = 12) -> dict[str, list[str]]:
+    """Plain text of three kinds that no conversion trains on: stories, Wikipedia paragraphs, code (HumanEval
+    prompts), from ../shared/data (missing files are left out)."""
+    import gzip
+    import random
+
+    data = REPO.parent / "shared" / "data"
+    sets = {}
+    if (data / "tinystories_sample.txt").is_file():
+        lines = (data / "tinystories_sample.txt").read_text(encoding="utf-8").split("\n")
+        sets["stories"] = [line.strip() for line in lines if len(line.strip()) > 150]
+    if (data / "wikitext2_valid.tokens.txt").is_file():
+        lines = (data / "wikitext2_valid.tokens.txt").read_text(encoding="utf-8").split("\n")
+        sets["wiki"] = [line.strip() for line in lines if len(line.strip()) > 400 and not line.startswith(" =")]
+    if (data / "HumanEval.jsonl.gz").is_file():
+        with gzip.open(data / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as handle:
+            sets["code"] = [json.loads(line)["prompt"].strip() for line in handle]
+    rng = random.Random(0)
+    return {name: rng.sample(texts, min(count, len(texts))) for name, texts in sets.items()}
+
+
+@torch.no_grad()
+def raw_text_fidelity(model, tokenizer, lengths=(3, 6, 12, 24, 48)) -> dict:
+    """How far the converted model's next-token distribution is from its base's on plain text (no chat template),
+    after the first n tokens of a text: KL(base || diffusion) in nats and top-1 agreement, per kind and length.
+
+    The diffusion model predicts the token after the n given ones as in decoding (one mask token appended); the base
+    reads the same n tokens. Short contexts are where chat-only training leaves the model least tied to its base.
+    """
+    mask_id = model.config.mask_token_id
+    vocab = model.causal_lm.config.get_text_config().vocab_size - 1  # the base's rows (the mask row comes last)
+    figures = {}
+    for name, texts in raw_text_sets().items():
+        kl, agree = {n: [] for n in lengths}, {n: [] for n in lengths}
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt").input_ids  # [1, T]
+            for n in lengths:
+                if n >= ids.shape[1]:
+                    continue
+                context = ids[:, :n]
+                noisy = torch.cat([context, torch.full((1, 1), mask_id)], dim=1)
+                diffusion = model(input_ids=noisy).logits[0, -1, :vocab].log_softmax(-1)  # [V]
+                with model.model.disable_adapter():
+                    base = model.causal_lm(input_ids=context).logits[0, -1, :vocab].log_softmax(-1)  # [V]
+                kl[n].append(float((base.exp() * (base - diffusion)).sum()))
+                agree[n].append(float(base.argmax() == diffusion.argmax()))
+        figures[name] = {
+            str(n): {"kl": statistics.mean(kl[n]), "agree": statistics.mean(agree[n])} for n in lengths if kl[n]
+        }
+    cells = [cell for kind in figures.values() for cell in kind.values()]
+    short = [cell for kind in figures.values() for n, cell in kind.items() if int(n) <= 12]
+    figures["mean_kl"] = statistics.mean(cell["kl"] for cell in cells) if cells else None
+    figures["mean_kl_short"] = statistics.mean(cell["kl"] for cell in short) if short else None
+    figures["mean_agree"] = statistics.mean(cell["agree"] for cell in cells) if cells else None
+    return figures
 
 
 def lambada_items(limit: int) -> list[tuple[str, str]]:
@@ -287,6 +351,7 @@ def run_name(args: dict, seed: bool = True) -> str:
     parts += [f"posdep{args['masking_strength']:g}"] if args.get("masking") == "position_dependent" else []
     parts += ["first_masked"] if args.get("teacher_positions") == "first_masked" else []
     parts += [f"t{args['teacher_weight']:g}"]
+    parts += [f"text{args['text_share']:g}"] if args.get("text_share") else []
     parts += [f"certainty{args['certainty_weight']:g}"] if args.get("certainty_weight") else []
     parts += [f"{args['minutes']:g}min"]
     sampler = args.get("sampler", "confidence")  # files written before --sampler decoded with `confidence`
@@ -374,6 +439,8 @@ def main() -> None:
     parser.add_argument("--prompts", choices=["benchmark", "heldout"], default="benchmark",
                         help="chat prompts: the 6 of CHAT_PROMPTS or the 24 of HELDOUT_PROMPTS")  # fmt: skip
     parser.add_argument("--lambada", type=int, default=100)
+    parser.add_argument("--raw-text", type=int, default=1, help="1: measure plain-text fidelity to the base; 0: skip")
+    parser.add_argument("--text-share", type=float, default=0.0, help="share of plain-text windows in the data")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument(
         "--sampler", default=CONVERT_DECODING["sampler"], help="of the chat answers (default: convert's)"
@@ -421,6 +488,7 @@ def main() -> None:
         "training": training,
         "heldout_nll": heldout_nll(model, tokenizer, args.eval_texts) if args.eval_texts else None,
         "lambada": lambada(model, tokenizer, args.lambada) if args.lambada else None,
+        "raw_text": raw_text_fidelity(model, tokenizer) if args.raw_text else None,
         "chat": chat(model, tokenizer, args.max_new_tokens, args.sampler, prompts(tokenizer, args.prompts)),
         "prompts": prompts(tokenizer, args.prompts),
     }
@@ -438,6 +506,10 @@ def main() -> None:
         f"| {gen['0.9']['gen_ppl']:.1f} / {gen['0.7']['gen_ppl']:.1f} vs {gen['base']['gen_ppl']:.1f} "
         f"| {gen['0.9']['distinct2']:.2f} vs {gen['base']['distinct2']:.2f} |"
     )
+    raw = result["raw_text"]
+    if raw:
+        print(f"plain-text KL to the base: {raw['mean_kl']:.2f} (contexts <= 12 tokens: {raw['mean_kl_short']:.2f}), "
+              f"top-1 agreement {raw['mean_agree']:.2f}")  # fmt: skip
     for message, base_answer, answer in zip(result["prompts"], gen["base"]["answers"], gen["0.9"]["answers"]):
         print(f"> {message}\n  base: {base_answer[:160]!r}\n  0.9 : {answer[:160]!r}")
 

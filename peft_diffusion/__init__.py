@@ -19,6 +19,7 @@ from .evaluation import (
     nll_per_token,
 )
 from .generation import DiffusionGenerateOutput, DiffusionGenerationConfig
+from .mixture import mix_plain_text
 from .model import DiffusionLM, DiffusionLMOutput
 from .speculation import SpeculativeGenerateOutput, speculative_generate
 from .trainer import DiffusionTrainer
@@ -44,6 +45,7 @@ __all__ = [
     "ar_nll_per_token",
     "loglikelihood",
     "loglikelihood_batch",
+    "mix_plain_text",
     "nll_per_token",
     "self_distilled_dataset",
     "SpeculativeGenerateOutput",

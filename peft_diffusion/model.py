@@ -543,7 +543,9 @@ class DiffusionLM(PreTrainedModel):
         Args:
             pretrained_model_name_or_path (`str`): a local folder or a Hub id.
             base_model (`PreTrainedModel`, *optional*): the base causal LM of an adapter; loaded from
-                `config.base_model_name_or_path` when omitted.
+                `config.base_model_name_or_path` when omitted. It becomes part of the returned model, as with PEFT's
+                `PeftModel.from_pretrained`: the adapter is injected into it and its embeddings gain the mask row in
+                place, so a second adapter needs a fresh copy of the base (its fingerprint check refuses this one).
             is_trainable (`bool`, defaults to `False`): keep the adapter trainable (to continue training).
             allow_base_mismatch (`bool`, defaults to `False`): load an adapter onto a base whose fingerprint
                 (config, vocabulary, embedding checksum) differs from the one it was trained on.

@@ -160,10 +160,12 @@ def test_a_chat_model_trains_on_its_own_answers_by_default(tiny_model_dir, tmp_p
     monkeypatch.setenv(defaults.CACHE_ENV, str(tmp_path / "cache"))
     argv = ["convert", "--model", chat_dir, "--lora_r", 2, "--demo", "false", "--distill_examples", 2,
             "--distill_max_new_tokens", 24, *FAST]  # fmt: skip
-    code, out, err = run([*argv, "--output_dir", tmp_path / "a"], capsys)
+    code, out, err = run([*argv, "--output_dir", tmp_path / "a", "--plain_text_share", "0.5"], capsys)
     assert code == 0, err
     assert re.search(r"self-distilled data: kept [12] of \d+ .*dropped: ", out)  # the filters' counts
-    assert re.search(r"data: self-distilled from the base \(chat answers\), [12] rows", out)
+    # as many plain-text windows as chat rows at share 0.5
+    kept = int(re.search(r"plain text: (\d) standard-library windows beside \1 chat rows", out).group(1))
+    assert re.search(rf"data: self-distilled from the base \(chat answers\), {2 * kept} rows", out)
     assert len(list((tmp_path / "cache" / "self_distilled").glob("*.json"))) == 1  # built once, cached
     code, out, err = run([*argv, "--output_dir", tmp_path / "b", "--default_data", "stdlib"], capsys)
     assert code == 0, err
@@ -191,6 +193,23 @@ def test_convert_full_finetuning_saves_a_full_model(tiny_model_dir, tmp_path, ca
     assert f"AR base  : {_one_line(expected_text)}\n" in out
     # bidirectional attention: the infilling example uses DiffusionLM.infill with the whole suffix; no speculation
     assert "=== Infilling" in out and "block attention" not in out and "speculative" not in out
+
+
+def test_infilling_example_splits_the_text_where_the_whole_text_has_token_boundaries(stories_path):
+    """Tokenized apart, "the cat is " ends on a lone "▁" that the whole text never has (the space belongs to
+    "▁very"): the demo's gap is cut from the whole text's tokens instead."""
+    from transformers import AutoTokenizer
+
+    from peft_diffusion.cli.demo import split_at_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_path)
+    prefix, middle, suffix = "Tom said: the cat is ", "very happy", " today."
+    pieces = split_at_tokens(tokenizer, prefix, middle, suffix)
+    whole = tokenizer(prefix + middle + suffix).input_ids
+    assert torch.cat(pieces, dim=1)[0].tolist() == whole
+    assert tokenizer.decode(pieces[1][0]).strip() == "very happy"
+    apart = tokenizer(prefix).input_ids
+    assert apart != pieces[0][0].tolist() and tokenizer.convert_ids_to_tokens(apart[-1]) == "▁"
 
 
 def test_convert_demo_prints_generations_speed_infilling_and_saves_the_trajectory(tiny_model_dir, tmp_path, capsys):
@@ -542,6 +561,7 @@ FAULTS = {
         (["convert", "--config", "{list_yaml}"], 2, "must hold a YAML mapping"),
         (["convert", "--model", "{tiny}", "--block_size", "0"], 1, "block_size"),
         (["convert", "--model", "{tiny}", "--min_train_share", "2"], 1, "--min_train_share must be in [0, 1]"),
+        (["convert", "--model", "{tiny}", "--plain_text_share", "1"], 1, "--plain_text_share must be in [0, 1)"),
         (["convert", "--model", "{tiny}", "--dataset", "{bad_jsonl}"], 1, "--text-field"),
         (["convert", "--model", "{tiny}", "--dataset", "./missing.txt"], 1, "--dataset"),
         (["convert", "--model", "{tiny}", "--dataset", "{garbage_jsonl}"], 1, "cannot be read as JSONL"),

@@ -193,6 +193,32 @@ def _one_line(text: str, width: int = 400) -> str:
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
+def split_at_tokens(tokenizer, prefix: str, middle: str, suffix: str):
+    """The ids of `prefix + middle + suffix` tokenized as one text, split into `[1, P]`, `[1, G]`, `[1, S]`.
+
+    Tokenizing the three pieces apart puts token boundaries where the text has none ("/ " + "len" gives `Ġ/ Ġ len`
+    where the whole text gives `Ġ/ Ġlen`), and the model is then asked to continue after a token it never sees there.
+    With a fast tokenizer the gap is every token that overlaps `middle` (a token that straddles the boundary joins the
+    gap); a slow tokenizer (no offsets) falls back to tokenizing the pieces apart.
+    """
+    import torch
+
+    if not getattr(tokenizer, "is_fast", False):
+        pieces = [tokenizer(prefix).input_ids]
+        pieces += [tokenizer(text, add_special_tokens=False).input_ids for text in (middle, suffix)]
+        return tuple(torch.tensor([ids], dtype=torch.long) for ids in pieces)
+    encoded = tokenizer(prefix + middle + suffix, return_offsets_mapping=True)
+    start, end = len(prefix), len(prefix) + len(middle)
+    ids, offsets = encoded.input_ids, encoded.offset_mapping
+    # Special tokens (BOS) have the empty span (0, 0): they stay in the prefix.
+    in_gap = [first < end and last > start and last > first for first, last in offsets]
+    if not any(in_gap):
+        raise ValueError(f"The infilling middle {middle!r} covers no token of the text.")
+    lo = in_gap.index(True)
+    hi = len(in_gap) - in_gap[::-1].index(True)
+    return tuple(torch.tensor([ids[a:b]], dtype=torch.long) for a, b in ((0, lo), (lo, hi), (hi, len(ids))))
+
+
 def infill_example(model, tokenizer, example=INFILL_EXAMPLE) -> dict:
     """Fill a masked span between fixed text and print it; honest about what the attention pattern can see.
 
@@ -204,9 +230,9 @@ def infill_example(model, tokenizer, example=INFILL_EXAMPLE) -> dict:
     import torch
 
     prefix, middle, suffix = example
-    prefix_ids = tokenizer(prefix, return_tensors="pt").input_ids  # [1, P]
-    middle_ids = tokenizer(middle, add_special_tokens=False, return_tensors="pt").input_ids  # [1, G]
-    suffix_ids = tokenizer(suffix, add_special_tokens=False, return_tensors="pt").input_ids  # [1, S]
+    prefix_ids, middle_ids, suffix_ids = split_at_tokens(tokenizer, prefix, middle, suffix)  # [1, P], [1, G], [1, S]
+    prefix, middle = tokenizer.decode(prefix_ids[0], skip_special_tokens=True), tokenizer.decode(middle_ids[0])
+    suffix = tokenizer.decode(suffix_ids[0])
     mask_token_id = model.config.mask_token_id
     num_prefix, gap = prefix_ids.shape[1], middle_ids.shape[1]
     grid = model.config.attention_block_size
