@@ -159,6 +159,7 @@ def train(args, tokenizer, dataset, output_dir):
             shift=True,
             masking=args.masking,
             masking_strength=args.masking_strength,
+            causal_first_token=bool(args.causal_first_token),
         ),
         peft_config=LoraConfig(r=32, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
     )
@@ -352,6 +353,7 @@ def run_name(args: dict, seed: bool = True) -> str:
     parts += ["first_masked"] if args.get("teacher_positions") == "first_masked" else []
     parts += [f"t{args['teacher_weight']:g}"]
     parts += [f"text{args['text_share']:g}"] if args.get("text_share") else []
+    parts += ["causal_first"] if args.get("causal_first_token") else []
     parts += [f"certainty{args['certainty_weight']:g}"] if args.get("certainty_weight") else []
     parts += [f"{args['minutes']:g}min"]
     sampler = args.get("sampler", "confidence")  # files written before --sampler decoded with `confidence`
@@ -440,6 +442,7 @@ def main() -> None:
                         help="chat prompts: the 6 of CHAT_PROMPTS or the 24 of HELDOUT_PROMPTS")  # fmt: skip
     parser.add_argument("--lambada", type=int, default=100)
     parser.add_argument("--raw-text", type=int, default=1, help="1: measure plain-text fidelity to the base; 0: skip")
+    parser.add_argument("--causal-first-token", type=int, default=0, help="1: DiffusionConfig(causal_first_token)")
     parser.add_argument("--text-share", type=float, default=0.0, help="share of plain-text windows in the data")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument(

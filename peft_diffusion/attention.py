@@ -75,6 +75,8 @@ class AttentionLayout:
         unmasked (`bool`, defaults to `False`): the caller guarantees every query may attend to every key of the
             forward; non-sliding layers then run without a mask (the attention modules must be non-causal for sdpa:
             `non_causal`).
+        causal_start (`bool`, defaults to `False`): the first token of each document (position 0) attends only to
+            itself, whatever the pattern allows (`DiffusionConfig.causal_first_token`).
         ancestors (`torch.BoolTensor` of shape `(batch_size, num_nodes, num_nodes)`, *optional*): the `"tree"`
             pattern: the last `num_nodes` tokens form a token tree, and `ancestors[b, i, j]` says node `j` is node `i`
             or one of its ancestors.
@@ -88,13 +90,14 @@ class AttentionLayout:
     is_open: torch.Tensor | None = None
     unmasked: bool = False
     ancestors: torch.Tensor | None = None
+    causal_start: bool = False
 
     def __post_init__(self):
         get_attention_pattern(self.pattern, selectable_only=False).check_layout(self)
 
     def mask_function(self, sliding_window: int | None = None) -> Callable:
         """The pattern as a transformers mask function over absolute token indices."""
-        positions, doc_ids = self.positions, self.doc_ids
+        positions, doc_ids, causal_start = self.positions, self.doc_ids, self.causal_start
         rule = get_attention_pattern(self.pattern, selectable_only=False).rule(self)
 
         def mask_fn(batch_idx, head_idx, q_idx, kv_idx):
@@ -102,6 +105,8 @@ class AttentionLayout:
             allowed = doc_ids[batch_idx, q_idx] == doc_ids[batch_idx, kv_idx]
             if rule is not None:
                 allowed = allowed & rule(batch_idx, q_idx, kv_idx)
+            if causal_start:  # a document's first token sees only itself (and the other stream's copy, if allowed)
+                allowed = allowed & ((positions[batch_idx, q_idx] > 0) | (positions[batch_idx, kv_idx] == 0))
             if sliding_window is not None:
                 distance = positions[batch_idx, q_idx] - positions[batch_idx, kv_idx]
                 allowed = allowed & (distance.abs() < sliding_window)

@@ -196,15 +196,19 @@ class DiffusionLM(PreTrainedModel):
             generator (`torch.Generator`, *optional*): draws the opened entries of the annealed pattern.
         """
         if two_stream:
-            return two_stream_layout(positions, doc_ids, self.config.block_size)
-        return self.config.attention_pattern.layout(
-            self.config,
-            positions,
-            doc_ids,
-            training=self.training,
-            annealing_ratio=self.annealing_ratio,
-            generator=generator,
-        )
+            layout = two_stream_layout(positions, doc_ids, self.config.block_size)
+        else:
+            layout = self.config.attention_pattern.layout(
+                self.config,
+                positions,
+                doc_ids,
+                training=self.training,
+                annealing_ratio=self.annealing_ratio,
+                generator=generator,
+            )
+        if self.config.causal_first_token and layout.pattern != "causal":
+            layout = dataclasses.replace(layout, causal_start=True)
+        return layout
 
     def forward(
         self,
@@ -406,6 +410,8 @@ class DiffusionLM(PreTrainedModel):
             self.causal_lm.is_activation_checkpointing
             or any(type(module).__name__ == "CheckpointWrapper" for module in self.model.modules())
         ):
+            return False
+        if layout.causal_start and past_length == 0 and length > 1:  # the first token is a query, and sees only itself
             return False
         return get_attention_pattern(layout.pattern, selectable_only=False).allows_every_pair(
             layout, past_length, length
@@ -611,6 +617,12 @@ def _check_attention_backend(config: DiffusionConfig, implementation: str | None
             + " or ".join(f"attention={name!r}" for name in supported)
             + f", got "
             f"attention={config.attention!r}; use attn_implementation='sdpa' (or 'flex_attention' on a GPU)."
+        )
+    if config.causal_first_token and config.attention != "causal":
+        raise ValueError(
+            f"attn_implementation={implementation!r} takes only a padding mask, and causal_first_token=True needs "
+            "the first token to see only itself: use attn_implementation='sdpa' (or 'flex_attention' on a GPU), or "
+            "causal_first_token=False."
         )
     if importlib.util.find_spec("flash_attn") is None:
         raise ImportError(

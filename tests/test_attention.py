@@ -16,8 +16,10 @@ LENGTH = 12
 BLOCK = 4
 
 
-def allowed(pattern, q, k, *, block=BLOCK, is_open=None):
+def allowed(pattern, q, k, *, block=BLOCK, is_open=None, causal_start=False):
     """Hand rule for one query/key pair of the same document (single stream)."""
+    if causal_start and q == 0:  # `causal_first_token`: the first token sees only itself
+        return k == 0
     if pattern == "bidirectional":
         return True
     if pattern == "block":
@@ -93,6 +95,40 @@ def test_one_token_perturbation(arch, pattern, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["bidirectional", "block"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_causal_first_token_sees_only_itself(arch, pattern, backend):
+    """`causal_first_token`: the pattern's dependencies, except that the first token reads nothing after it; with
+    the shift, the prediction of token 1 (read at position 0) then depends on token 0 alone, as in the base."""
+    base = tiny_causal_lm(arch, backend)
+    config = DiffusionConfig(
+        attention=pattern, block_size=BLOCK, shift=True, mask_token_id=MASK_ID, causal_first_token=True
+    )
+    model = get_diffusion_model(base, config).eval()
+    seen = influence(model, tokens())
+    expected = shifted(reach(pattern, LENGTH, 2, causal_start=True), True)
+    assert torch.equal(seen, expected), f"{arch}-{pattern}-{backend}\nseen\n{seen.int()}\nexpected\n{expected.int()}"
+    assert seen[1].tolist() == [True] + [False] * (LENGTH - 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+def test_causal_first_token_predicts_token_one_as_the_base(arch):
+    """Before any training (the base's weights), the prediction of token 1 is the base's next-token logits after
+    token 0, to the float; without `causal_first_token` the first token sees its block and it is not."""
+    ids = tokens()
+    reference = tiny_causal_lm(arch)(input_ids=ids[:, :1]).logits[0, 0]  # [V], the base alone
+    for causal_first_token in (True, False):
+        config = DiffusionConfig(
+            attention="block", block_size=BLOCK, mask_token_id=MASK_ID, causal_first_token=causal_first_token
+        )
+        model = get_diffusion_model(tiny_causal_lm(arch), config).eval()
+        logits = model(input_ids=ids).logits[0, 1]  # [V]
+        keep = torch.arange(logits.shape[0]) != MASK_ID
+        same = torch.allclose(logits[keep], reference[keep], atol=1e-5)
+        assert same == causal_first_token, (arch, causal_first_token)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_clean_context_two_stream(arch, backend):
     """Noisy block b sees itself and clean blocks < b; the first token of a block reads the clean previous token."""
@@ -118,6 +154,27 @@ def test_clean_context_two_stream(arch, backend):
                 expected_clean[i, j] = block(j) < block(source)
     assert torch.equal(seen_noisy, expected_noisy), f"x_t influence\n{seen_noisy.int()}"
     assert torch.equal(seen_clean, expected_clean), f"x_0 influence\n{seen_clean.int()}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_causal_first_token_in_the_two_stream_layout(arch):
+    """Training layout with `causal_first_token`: the prediction of token 1 reads the noisy token 0 alone (never the
+    rest of its noisy block, never a clean token); every other prediction keeps the clean-context dependencies."""
+    config = DiffusionConfig(attention="block", block_size=BLOCK, mask_token_id=MASK_ID, causal_first_token=True)
+    model = get_diffusion_model(tiny_causal_lm(arch), config).eval()
+    noisy, clean = tokens(seed=1), tokens(seed=2)
+    seen_noisy = influence(model, noisy, clean_input_ids=clean)
+    seen_clean = influence(model, clean, perturbed="clean_input_ids", input_ids=noisy)
+    for i in range(LENGTH):
+        source, from_clean = max(i - 1, 0), i > 0 and i % BLOCK == 0
+        for j in range(LENGTH):
+            if source == 0:
+                expected_noisy, expected_clean = j == 0, False
+            elif from_clean:
+                expected_noisy, expected_clean = False, j // BLOCK <= source // BLOCK
+            else:
+                expected_noisy, expected_clean = j // BLOCK == source // BLOCK, j // BLOCK < source // BLOCK
+            assert bool(seen_noisy[i, j]) == expected_noisy and bool(seen_clean[i, j]) == expected_clean, (i, j)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

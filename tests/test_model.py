@@ -413,6 +413,23 @@ def test_bad_conversion_inputs():
         get_diffusion_model(base, DiffusionConfig(attention="block", mask_token_id=MASK_ID))
 
 
+def test_causal_first_token_round_trips_and_older_files_load_without_it(tmp_path):
+    config = DiffusionConfig(attention="block", block_size=4, mask_token_id=MASK_ID, causal_first_token=True)
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["causal_first_token"] is True
+    assert DiffusionConfig.from_pretrained(tmp_path).causal_first_token is True
+    # a file written before the field existed: its model was trained with the first token seeing its block
+    older = {key: value for key, value in config.to_dict().items() if key != "causal_first_token"}
+    assert DiffusionConfig.from_dict(older).causal_first_token is False
+    with pytest.raises(ValueError, match=r"`causal_first_token` must be bool, got causal_first_token='yes'"):
+        DiffusionConfig(causal_first_token="yes")
+    with pytest.raises(ValueError, match="causal_first_token=True needs the first token to see only itself"):
+        base = tiny_causal_lm("llama")
+        base.config._attn_implementation = "flash_attention_2"
+        get_diffusion_model(base, DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID,
+                                                  causal_first_token=True))  # fmt: skip
+
+
 def test_forward_bad_inputs():
     model = get_diffusion_model(
         tiny_causal_lm("llama"), DiffusionConfig(attention="bidirectional", mask_token_id=MASK_ID)
