@@ -118,6 +118,8 @@ def test_convert_records_the_base_as_the_user_gave_it(tiny_model_dir, tmp_path, 
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == given
     saved = json.loads((out / "diffusion_config.json").read_text())
     assert saved["base_model_name_or_path"] == saved["base_fingerprint"]["name_or_path"] == given
+    assert saved["causal_first_token"] is True  # the recipe's, saved with the model and read back on load
+    assert DiffusionLM.from_pretrained(str(out)).config.causal_first_token is True
     for path in [*out.glob("*.json"), out / "README.md"]:
         assert os.path.dirname(tiny_model_dir) not in path.read_text(), path.name
 
@@ -280,6 +282,7 @@ def test_diffusion_flags_are_derived_from_the_config_and_only_the_recipe_overrid
     for name in helps:
         assert getattr(diffusion_args, name) == defaults.CONVERT_DEFAULTS.get(name, getattr(library, name)), name
     assert diffusion_args.block_size == defaults.CONVERT_DEFAULTS["block_size"] != library.block_size
+    assert diffusion_args.causal_first_token is True and library.causal_first_token is False
 
 
 def test_the_recipe_trains_with_the_ar_teacher_and_a_flag_turns_it_off():
