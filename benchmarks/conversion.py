@@ -231,7 +231,6 @@ def raw_text_fidelity(model, tokenizer, lengths=(3, 6, 12, 24, 48)) -> dict:
     reads the same n tokens. Short contexts are where chat-only training leaves the model least tied to its base.
     """
     mask_id = model.config.mask_token_id
-    vocab = model.causal_lm.config.get_text_config().vocab_size - 1  # the base's rows (the mask row comes last)
     figures = {}
     for name, texts in raw_text_sets().items():
         kl, agree = {n: [] for n in lengths}, {n: [] for n in lengths}
@@ -242,9 +241,11 @@ def raw_text_fidelity(model, tokenizer, lengths=(3, 6, 12, 24, 48)) -> dict:
                     continue
                 context = ids[:, :n]
                 noisy = torch.cat([context, torch.full((1, 1), mask_id)], dim=1)
-                diffusion = model(input_ids=noisy).logits[0, -1, :vocab].log_softmax(-1)  # [V]
+                diffusion = model(input_ids=noisy).logits[0, -1]  # [V]
                 with model.model.disable_adapter():
-                    base = model.causal_lm(input_ids=context).logits[0, -1, :vocab].log_softmax(-1)  # [V]
+                    base = model.causal_lm(input_ids=context).logits[0, -1]  # [V]
+                keep = torch.arange(base.shape[0]) != mask_id  # the mask token is never a prediction (any id)
+                diffusion, base = diffusion[keep].log_softmax(-1), base[keep].log_softmax(-1)  # [V - 1]
                 kl[n].append(float((base.exp() * (base - diffusion)).sum()))
                 agree[n].append(float(base.argmax() == diffusion.argmax()))
         figures[name] = {

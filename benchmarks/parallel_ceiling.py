@@ -39,6 +39,7 @@ from peft_diffusion import DiffusionLM  # noqa: E402
 from peft_diffusion._compat import CACHE_KWARG, output_cache  # noqa: E402
 from peft_diffusion.cli.demo import answer_length, chat_input_ids  # noqa: E402
 from peft_diffusion.cli.live import id_list  # noqa: E402
+from peft_diffusion.data import _left_padded  # noqa: E402
 
 THRESHOLDS = (0.9, 0.7)
 
@@ -91,10 +92,7 @@ def adapter_pairs(model, rows, pad_id: int) -> list[dict]:
         starts = list(range(0, len(answer) - 1, 2))
         if not starts:
             continue
-        sequences = [prompt + answer[:j] + [mask, mask] for j in starts]
-        width = max(map(len, sequences))
-        ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
-        attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+        ids, attention = _left_padded([prompt + answer[:j] + [mask, mask] for j in starts], pad_id, "cpu")
         probs = model(input_ids=ids, attention_mask=attention).logits[:, -2:].float().softmax(-1)  # [N, 2, V]
         top, argmax = probs.max(-1)  # [N, 2]
         for row, j in enumerate(starts):
